@@ -1,0 +1,1 @@
+"""Entry points: the `timemae` CLI and `python -m launch.<job>` drivers (parse, build, run)."""

@@ -1,0 +1,142 @@
+"""Typed configs: YAML + dotted overrides -> dataclasses; every mistake names its key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import pytest
+
+from data_pipeline.config import DataConfig, load_data_config
+from data_pipeline.typedconfig import (
+    ConfigError,
+    apply_overrides,
+    config_fields,
+    from_dict,
+    load_config,
+    option,
+    to_dict,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Inner:
+    """A nested section."""
+
+    size: int = option(3, "a size")
+    ratio: float = option(0.5, "a ratio")
+    names: list[str] = option(["a"], "names")
+
+    def validate(self) -> None:
+        if self.size < 0:
+            raise ConfigError("size", "must be >= 0")
+
+
+@dataclass
+class Outer:
+    """The top level."""
+
+    mode: Literal["x", "y"] = option("x", "a mode")
+    flag: bool = option(False, "a flag")
+    path: Optional[str] = option(None, "a path")
+    inner: Inner = option(Inner, "inner section")
+    table: dict[int, int] = option({}, "a mapping")
+
+
+def test_defaults_and_overrides_round_trip(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("mode: y\ninner:\n  size: 7\n  names: [p, q]\ntable: {1: 0}\n")
+    cfg = load_config(Outer, f, ["inner.ratio=0.25", "flag=true", "path=/tmp/x", "table.2=1"])
+    assert cfg.mode == "y" and cfg.flag is True and cfg.path == "/tmp/x"
+    assert cfg.inner.size == 7 and cfg.inner.ratio == 0.25 and cfg.inner.names == ["p", "q"]
+    assert cfg.table == {1: 0, 2: 1}
+    assert from_dict(Outer, to_dict(cfg)) == cfg
+
+
+def test_mutable_defaults_are_not_shared() -> None:
+    a, b = Outer(), Outer()
+    a.inner.names.append("z")
+    assert b.inner.names == ["a"]
+
+
+@pytest.mark.parametrize(
+    "overrides, key, words",
+    [
+        (["inner.sise=3"], "inner.sise", "did you mean 'size'"),
+        (["inner.size=abc"], "inner.size", "expected an integer"),
+        (["inner.size=-1"], "inner.size", "must be >= 0"),
+        (["mode=z"], "mode", "choose one of"),
+        (["flag=3"], "flag", "true or false"),
+        (["inner.names=5"], "inner.names", "expected a list"),
+        (["inner.names=[1]"], "inner.names[0]", "expected a string"),
+        (["inner.ratio=null"], "inner.ratio", "must not be null"),
+        (["table.x=1"], "table.x", "expected an integer"),
+        (["mode"], "mode", "key=value"),
+        (["flag.sub=1"], "flag", "true or false"),
+    ],
+)
+def test_errors_name_the_key(overrides: list[str], key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(Outer, None, overrides)
+    assert info.value.key == key
+    assert words in str(info.value)
+    assert f"'{key}'" in str(info.value)
+
+
+def test_missing_and_bad_yaml_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Outer, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("mode: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Outer, bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(Outer, lst)
+
+
+def test_apply_overrides_does_not_mutate_input() -> None:
+    base = {"inner": {"size": 1}}
+    out = apply_overrides(base, ["inner.size=2"])
+    assert base == {"inner": {"size": 1}} and out == {"inner": {"size": 2}}
+
+
+def test_every_field_has_help() -> None:
+    """Style rule 1: each config field carries a one-line help text."""
+    import dataclasses
+
+    def walk(cls: type) -> None:
+        for name, tp, default, help_ in config_fields(cls):
+            assert help_ and "\n" not in help_, f"{cls.__name__}.{name} needs a one-line help"
+            if dataclasses.is_dataclass(default):
+                walk(type(default))
+
+    walk(DataConfig)
+
+
+def test_shipped_data_configs_load() -> None:
+    for path in sorted((REPO / "configs" / "data").glob("*.yaml")):
+        cfg = load_data_config(path)
+        assert cfg.window.length > 0, path
+
+
+def test_data_config_cross_field_checks() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_data_config(None, ["source.kind=recordings"])
+    assert info.value.key == "source.path"
+    with pytest.raises(ConfigError) as info:
+        load_data_config(None, ["source.kind=hapt_package", "output.shard_windows=100", "output.chunk_windows=64"])
+    assert info.value.key == "output.shard_windows"
+    with pytest.raises(ConfigError) as info:
+        load_data_config(
+            None,
+            ["source.kind=hapt_package", "split.test_subjects=[1, 2]", "split.val_subjects=['02']"],
+        )
+    assert info.value.key == "split.val_subjects" and "'2'" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_data_config(None, ["source.kind=windows", "source.path=/x"])
+    assert info.value.key == "split.method"
