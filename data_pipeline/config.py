@@ -103,7 +103,7 @@ class ChannelsConfig:
         {}, "new channel name -> existing channel (e.g. total_acc_x: acc_x)"
     )
     select: Optional[list[str]] = option(
-        None, "output channel order (input, derived or alias names); null = the input channels"
+        None, "output channel order (input, derived or alias names); null = inputs, then derived, then aliases"
     )
     units: dict[str, str] = option({}, "channel name -> unit, recorded in the manifest")
 
