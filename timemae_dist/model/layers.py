@@ -104,15 +104,11 @@ class TransformerBlock(nn.Module):
         return self.res2(x_BND, self.ffn(x_BND))
 
 
-class CrossAttentionBlock(nn.Module):
-    """Queries attend to keys/values only (no query self-attention), then a feed-forward."""
+class CrossAttentionBlock(TransformerBlock):
+    """Queries attend to keys/values only (no query self-attention), then a feed-forward.
 
-    def __init__(self, d_model: int, num_heads: int, d_ffn: int, enable_res_parameter: bool, dropout: float):
-        super().__init__()
-        self.attn = MultiHeadAttention(d_model, num_heads, dropout)
-        self.ffn = FeedForward(d_model, d_ffn, dropout)
-        self.res1 = ResidualNorm(d_model, enable_res_parameter, dropout)
-        self.res2 = ResidualNorm(d_model, enable_res_parameter, dropout)
+    Same parameters as :class:`TransformerBlock`; only the attention inputs differ.
+    """
 
     def forward(self, q_BMD: torch.Tensor, kv_BVD: torch.Tensor) -> torch.Tensor:
         q_BMD = self.res1(q_BMD, self.attn(q_BMD, kv_BVD))
