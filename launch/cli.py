@@ -5,6 +5,7 @@
     timemae data verify STORE                     check every shard checksum
     timemae pretrain CONFIG [key=value ...]        distributed pretraining (Ray Train + DeepSpeed)
     timemae export CHECKPOINT OUT_DIR              consolidated float32 encoder
+    timemae evaluate linear|finetune|embed ...     linear probe, fine-tuning, t-SNE
     timemae demo                                   prepare HAPT-HAR and print its summary
 
 Errors a user can cause (config, input files, stores) print one line and exit with status 2;
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, help_ in (
         ("pretrain", "launch.pretrain", "pretrain TimeMAE (Ray Train + DeepSpeed)"),
         ("export", "launch.export", "export a checkpoint's encoder"),
+        ("evaluate", "launch.evaluate", "linear probe / fine-tune / t-SNE of an encoder"),
     ):
         sp = sub.add_parser(name, help=help_, add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)

@@ -83,7 +83,8 @@ class ResidualNorm(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
-        self.a = nn.Parameter(torch.tensor(1e-8)) if enable_res_parameter else None
+        # shape (1,), not 0-dim: DeepSpeed broadcasts parameters as uint8 views, which 0-dim refuses
+        self.a = nn.Parameter(torch.full((1,), 1e-8)) if enable_res_parameter else None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.a is not None:

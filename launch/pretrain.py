@@ -1,0 +1,61 @@
+"""``timemae pretrain CONFIG [key=value ...]`` / ``python -m launch.pretrain ...``: parse, build, run.
+
+Distributed (Ray Train + DeepSpeed) by default; ``--single-process`` runs the plain PyTorch loop.
+The last line printed is a JSON summary: steps, windows_per_s, final_loss, checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="timemae pretrain",
+        description="Pretrain TimeMAE on a store (Ray Train + DeepSpeed, or --single-process).",
+        epilog="Overrides are dotted key=value pairs, e.g. trainer.num_workers=2 deepspeed.zero_stage=2 "
+        "run.name=my-run (re-using a run name resumes it).",
+    )
+    p.add_argument("config", help="YAML config, e.g. configs/pretrain/har.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--single-process", action="store_true", help="plain PyTorch loop in this process, no Ray/DeepSpeed")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from data_pipeline.typedconfig import ConfigError
+    from timemae_dist.train.config import load_pretrain_config
+    from timemae_dist.train.errors import PretrainError
+
+    try:
+        cfg = load_pretrain_config(args.config, args.overrides)
+        if args.single_process:
+            from timemae_dist.train.single import run_single
+
+            summary = run_single(cfg)
+        else:
+            from timemae_dist.train.driver import run_distributed
+
+            summary = run_distributed(cfg, address=args.address)
+    except (ConfigError, PretrainError) as e:
+        print(f"timemae pretrain: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # Ray's TrainingFailedError & co: keep the cause, drop the deep traceback
+        name = type(e).__name__
+        if name in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
+            print(f"timemae pretrain: training failed ({name}): {e}", file=sys.stderr)
+            return 1
+        raise
+    print(json.dumps({k: summary.get(k) for k in ("steps", "windows_per_s", "final_loss", "checkpoint")} | summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

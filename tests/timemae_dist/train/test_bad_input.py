@@ -1,0 +1,62 @@
+"""Errors a user can cause: one clear line, before any worker starts."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from launch.pretrain import main
+from timemae_dist.train.config import load_pretrain_config
+from timemae_dist.train.driver import run_distributed
+from timemae_dist.train.errors import PretrainError
+
+from .conftest import TINY_CONFIG, tiny_overrides
+
+
+def _cli(capsys, *argv) -> tuple[int, str]:
+    rc = main([str(TINY_CONFIG), *argv])
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (("model.in_channels=5",), "model.in_channels: is 5 but the data has 3"),
+        (("model.seq_len=64",), "model.seq_len"),
+        (("trainer.micro_batch_size=200", "trainer.num_workers=2"), "trainer.micro_batch_size"),
+        (("trainer.global_batch_size=100", "trainer.num_workers=3"), "trainer.global_batch_size"),
+        (("deepspeed.zero_stage=4",), "deepspeed.zero_stage"),
+        (("data.split=nope",), "data.split"),
+    ],
+)
+def test_bad_config_one_line(capsys, tiny_store, tmp_path, extra, needle):
+    rc, err = _cli(capsys, *tiny_overrides(tiny_store, tmp_path, "bad", *extra))
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "bad").exists()  # nothing started, nothing written
+
+
+def test_missing_store(capsys, tmp_path):
+    rc, err = _cli(capsys, *tiny_overrides(tmp_path / "no-store", tmp_path, "bad"))
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "data.store" in err and "does not exist" in err and "timemae data prepare" in err
+
+
+def test_single_process_bad_input_too(capsys, tmp_path):
+    rc = main(["--single-process", str(TINY_CONFIG), *tiny_overrides(tmp_path / "none", tmp_path, "bad")])
+    assert rc == 2 and "data.store" in capsys.readouterr().err
+
+
+def test_too_many_workers_fails_fast(ray_local, tiny_store, tmp_path):
+    cfg = load_pretrain_config(
+        TINY_CONFIG, tiny_overrides(tiny_store, tmp_path, "big", "trainer.num_workers=3")
+    )
+    t0 = time.perf_counter()
+    with pytest.raises(PretrainError) as e:
+        run_distributed(cfg)
+    msg = str(e.value)
+    assert "trainer.num_workers" in msg and "Ray cluster resources: CPU=2" in msg and "\n" not in msg
+    assert time.perf_counter() - t0 < 30
+    assert not (tmp_path / "big" / "pids").exists()  # no worker ever started

@@ -1,0 +1,132 @@
+"""Typed config of evaluation: linear probe, fine-tuning, label-scarce protocol, t-SNE map.
+
+Mirrors ``configs/eval/linear.yaml`` and ``configs/eval/finetune.yaml`` (one schema for both;
+each file sets what its command uses). Load with :func:`load_eval_config` (YAML + dotted
+``key=value`` overrides); the CLI flags ``--label-fraction``, ``--seeds``, ``--baselines`` and
+``--out`` are shorthands for ``label_fractions``, ``num_seeds``, ``baselines`` and ``out``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+from data_pipeline.typedconfig import ConfigError, load_config, option
+
+__all__ = ["LinearProbeConfig", "FinetuneConfig", "EmbedConfig", "EvalConfig", "load_eval_config"]
+
+
+@dataclass
+class LinearProbeConfig:
+    """Frozen encoder -> mean-pooled features -> StandardScaler + LogisticRegression."""
+
+    C_grid: list[float] = option(
+        [0.001, 0.01, 0.1, 1.0, 10.0, 100.0],
+        "inverse regularisation strengths tried; the one with the best val accuracy is kept "
+        "(ties: the first in the list)",
+    )
+    max_iter: int = option(2000, "LBFGS iterations of LogisticRegression")
+
+    def validate(self) -> None:
+        if not self.C_grid:
+            raise ConfigError("C_grid", "list at least one value of C")
+        if any(c <= 0 for c in self.C_grid):
+            raise ConfigError("C_grid", f"every C must be > 0, got {self.C_grid}")
+        if self.max_iter < 1:
+            raise ConfigError("max_iter", f"must be >= 1, got {self.max_iter}")
+
+
+@dataclass
+class FinetuneConfig:
+    """Encoder + linear head trained end to end with Adam; early stopping on val."""
+
+    lr: float = option(1e-3, "Adam learning rate (official TimeMAE: 1e-3)")
+    weight_decay: float = option(0.0, "Adam L2 weight decay")
+    epochs: int = option(100, "maximum number of epochs over the (label-fraction) train windows")
+    batch_size: int = option(128, "training batch size (official TimeMAE: 128)")
+    patience: int = option(
+        10, "stop after this many epochs without a better val accuracy; 0 = never stop early"
+    )
+    min_steps_per_epoch: int = option(
+        1, "repeat a tiny label-fraction train set so an epoch has at least this many steps"
+    )
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError("weight_decay", f"must be >= 0, got {self.weight_decay}")
+        for name in ("epochs", "batch_size", "min_steps_per_epoch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.patience < 0:
+            raise ConfigError("patience", f"must be >= 0, got {self.patience}")
+
+
+@dataclass
+class EmbedConfig:
+    """2-D t-SNE of test representations (pretrained vs random init), seeded."""
+
+    max_points: int = option(2000, "stratified seeded subsample of labelled test windows plotted")
+    perplexity: float = option(30.0, "t-SNE perplexity (lowered automatically for tiny sets)")
+
+    def validate(self) -> None:
+        if self.max_points < 2:
+            raise ConfigError("max_points", f"must be >= 2, got {self.max_points}")
+        if self.perplexity <= 0:
+            raise ConfigError("perplexity", f"must be > 0, got {self.perplexity}")
+
+
+@dataclass
+class EvalConfig:
+    """How a pretrained encoder is evaluated on a labelled store (train / val / test)."""
+
+    normalize: bool = option(True, "apply the store's train-split per-channel normalisation (as pretraining)")
+    batch_size: int = option(256, "windows per forward pass when encoding a split")
+    label_fractions: list[float] = option(
+        [1.0], "stratified fractions of the labelled train windows (data_pipeline.splits)"
+    )
+    num_seeds: int = option(1, "seeds per label fraction (subset, head init, shuffling); mean +- std")
+    seed: int = option(0, "first seed; seed i is seed + i")
+    baselines: bool = option(
+        False, "also evaluate a random-init encoder (same protocol) and supervised-from-scratch"
+    )
+    train_split: str = option("train", "split the classifier is trained on")
+    val_split: str = option("val", "split used for every model-selection decision")
+    test_split: str = option("test", "split reported once, at the end")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = cuda when available")
+    out: Optional[str] = option(None, "output directory for results.json / results.md / plots; null = none")
+    linear: LinearProbeConfig = option(LinearProbeConfig, "linear probe")
+    finetune: FinetuneConfig = option(FinetuneConfig, "fine-tuning and supervised-from-scratch")
+    embed: EmbedConfig = option(EmbedConfig, "t-SNE map")
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
+        if not self.label_fractions:
+            raise ConfigError("label_fractions", "list at least one fraction, e.g. [1.0]")
+        for f in self.label_fractions:
+            if not 0.0 < f <= 1.0:
+                raise ConfigError("label_fractions", f"each fraction must be in (0, 1], got {f}")
+        if len(set(self.label_fractions)) != len(self.label_fractions):
+            raise ConfigError("label_fractions", f"fractions repeat: {self.label_fractions}")
+        if self.num_seeds < 1:
+            raise ConfigError("num_seeds", f"must be >= 1, got {self.num_seeds}")
+        if self.seed < 0:
+            raise ConfigError("seed", f"must be >= 0, got {self.seed}")
+        if self.test_split in (self.train_split, self.val_split):
+            raise ConfigError(
+                "test_split", f"{self.test_split!r} is also used for training/selection; use a held-out split"
+            )
+        if self.val_split == self.train_split:
+            raise ConfigError("val_split", f"{self.val_split!r} is the train split; select on a held-out split")
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.num_seeds)]
+
+
+def load_eval_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> EvalConfig:
+    """YAML file (optional) + dotted overrides -> validated :class:`EvalConfig`."""
+    return load_config(EvalConfig, path, overrides)

@@ -1,0 +1,133 @@
+"""Linear probe: frozen mean-pooled representations -> StandardScaler + LogisticRegression.
+
+As the official TimeMAE linear evaluation, except that the regularisation strength ``C`` is
+chosen on the **validation** split only; the test split is scored once with the chosen probe.
+:func:`linear_probe_val_accuracy` is the cheap version the trainer calls on rank 0 during
+pretraining (logged as ``eval/linear_val_acc``): fixed ``C``, bounded train/val subsets.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from data_pipeline.splits import label_fraction_subset
+from data_pipeline.store import Store
+from timemae_dist.eval.errors import EvalError
+
+__all__ = ["ProbeSelection", "fit_probe", "select_probe", "linear_probe_val_accuracy"]
+
+
+def fit_probe(Z: np.ndarray, y: np.ndarray, C: float, max_iter: int = 2000) -> Pipeline:
+    """StandardScaler + multinomial LogisticRegression (LBFGS, deterministic) fit on ``(Z, y)``."""
+    if np.unique(y).size < 2:
+        raise EvalError(
+            f"the probe's train set has {np.unique(y).size} class(es); it needs at least 2 "
+            "(raise the label fraction or check the store's labels)"
+        )
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=float(C), max_iter=int(max_iter)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # reported as converged=False instead
+        clf.fit(np.asarray(Z, np.float64), y)
+    return clf
+
+
+@dataclass
+class ProbeSelection:
+    """The probe chosen on val: its C, val accuracy per C, and the fitted pipeline."""
+
+    C: float
+    val_accuracy: float
+    val_accuracy_by_C: dict[str, float]
+    probe: Pipeline = field(repr=False)
+    converged: bool = True
+
+    def to_dict(self) -> dict:
+        return {
+            "C": self.C,
+            "val_accuracy": self.val_accuracy,
+            "val_accuracy_by_C": self.val_accuracy_by_C,
+            "converged": self.converged,
+        }
+
+
+def select_probe(
+    Z_train: np.ndarray,
+    y_train: np.ndarray,
+    Z_val: np.ndarray,
+    y_val: np.ndarray,
+    C_grid: Sequence[float],
+    max_iter: int = 2000,
+) -> ProbeSelection:
+    """Fit one probe per ``C`` on train, keep the best val accuracy (ties: first in ``C_grid``).
+
+    Only train and val representations are arguments: the test split cannot influence the choice.
+    """
+    if len(y_val) == 0:
+        raise EvalError("the validation split has no labelled windows; model selection needs them")
+    best: ProbeSelection | None = None
+    by_c: dict[str, float] = {}
+    for C in C_grid:
+        probe = fit_probe(Z_train, y_train, C, max_iter)
+        acc = float(np.mean(probe.predict(np.asarray(Z_val, np.float64)) == y_val))
+        by_c[repr(float(C))] = acc
+        if best is None or acc > best.val_accuracy:
+            n_iter = np.max(probe[-1].n_iter_)
+            best = ProbeSelection(float(C), acc, by_c, probe, converged=bool(n_iter < max_iter))
+    assert best is not None
+    best.val_accuracy_by_C = by_c
+    return best
+
+
+def _bounded_labelled(store: Store, split: str, max_windows: int | None, seed: int) -> np.ndarray:
+    labels = store.read_column(split, "label")
+    num_labelled = int((labels >= 0).sum())
+    if max_windows is None or num_labelled <= max_windows:
+        return np.flatnonzero(labels >= 0).astype(np.int64)
+    idx = label_fraction_subset(labels, max_windows / num_labelled, seed)  # stratified, seeded
+    return idx[:max_windows] if idx.size > max_windows else idx
+
+
+def linear_probe_val_accuracy(
+    model,
+    store: Store | str,
+    max_windows: int | None = 2048,
+    *,
+    C: float = 1.0,
+    normalize: bool = True,
+    batch_size: int = 256,
+    train_split: str = "train",
+    val_split: str = "val",
+    seed: int = 0,
+    max_iter: int = 1000,
+) -> float:
+    """Val accuracy of a linear probe on the current encoder (for ``eval/linear_val_acc``).
+
+    Cheap and side-effect free: at most ``max_windows`` labelled windows of each split (a
+    stratified seeded subset, the same every call), a fixed ``C`` (no selection, so the number
+    is an honest val estimate), ``model.encode`` under ``no_grad`` in eval mode with the
+    model's train/eval mode restored, global RNGs untouched. Call it on rank 0 with the bare
+    model or its DeepSpeed/DDP wrapper. Returns NaN if a split has no labels.
+    """
+    from timemae_dist.eval.features import encode_split, open_eval_store
+
+    st = open_eval_store(store, (train_split, val_split))
+    tr = _bounded_labelled(st, train_split, max_windows, seed)
+    va = _bounded_labelled(st, val_split, max_windows, seed)
+    y_tr = st.read_column(train_split, "label")[tr]
+    y_va = st.read_column(val_split, "label")[va]
+    if tr.size == 0 or va.size == 0 or np.unique(y_tr).size < 2:
+        return float("nan")
+    Z_tr = encode_split(model, st, train_split, tr, batch_size=batch_size, normalize=normalize)
+    Z_va = encode_split(model, st, val_split, va, batch_size=batch_size, normalize=normalize)
+    if not (np.isfinite(Z_tr).all() and np.isfinite(Z_va).all()):
+        return float("nan")
+    probe = fit_probe(Z_tr, y_tr, C, max_iter)
+    return float(np.mean(probe.predict(np.asarray(Z_va, np.float64)) == y_va))

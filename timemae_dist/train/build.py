@@ -1,0 +1,52 @@
+"""Builders shared by the Ray worker loop and the single-process loop."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from timemae_dist.model import TimeMAE
+from timemae_dist.train.config import PretrainConfig
+
+__all__ = ["seed_all", "rank_seed", "build_model", "build_loader"]
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Seed of a rank's masking/dropout RNG stream (distinct per rank, fixed per run)."""
+    return (seed * 1_000_003 + 7919 * (rank + 1)) % 2**63
+
+
+def build_model(cfg: PretrainConfig) -> TimeMAE:
+    """The model with identical weights on every rank (seeded by ``trainer.seed``).
+
+    The momentum target encoder is still attached; the caller detaches it.
+    """
+    seed_all(cfg.trainer.seed)
+    return TimeMAE(cfg.model)
+
+
+def build_loader(cfg: PretrainConfig, rank: int, world_size: int):
+    from data_pipeline.loader import open_loader
+
+    d = cfg.data
+    return open_loader(
+        d.store,
+        d.split,
+        cfg.trainer.micro_batch_size,
+        seed=cfg.trainer.seed,
+        epoch=0,
+        rank=rank,
+        world_size=world_size,
+        num_workers=d.loader_workers,
+        shuffle=d.shuffle,
+        remainder=d.remainder,
+        normalize=d.normalize,
+    )

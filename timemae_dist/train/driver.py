@@ -1,0 +1,95 @@
+"""The driver side of distributed pretraining: preflight, Ray, ``TorchTrainer.fit()``, summary."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+from timemae_dist.train.checkpoint import find_latest_checkpoint
+from timemae_dist.train.config import PretrainConfig
+from timemae_dist.train.errors import PretrainError
+from timemae_dist.train.preflight import check_cluster, resolve
+
+__all__ = ["run_distributed", "connect_ray"]
+
+
+def connect_ray(cfg: PretrainConfig, address: Optional[str] = None) -> str:
+    """Join the cluster at ``address`` / ``$RAY_ADDRESS``, else start an embedded local Ray."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if ray.is_initialized():
+        return "existing"
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, RuntimeError) as e:
+            raise PretrainError(
+                f"--address: cannot join the Ray cluster at {address!r} ({e}); start it with "
+                "`ray start --head` or drop --address / RAY_ADDRESS to run locally"
+            ) from None
+        return f"cluster {address}"
+    num_cpus = max(os.cpu_count() or 1, 1)
+    ray.init(num_cpus=num_cpus, num_gpus=None if cfg.trainer.use_gpu else 0, include_dashboard=False)
+    return f"embedded local Ray ({num_cpus} CPUs)"
+
+
+def run_distributed(cfg: PretrainConfig, address: Optional[str] = None) -> dict[str, Any]:
+    """Pretrain with Ray Train + DeepSpeed; returns the summary dict the CLI prints as JSON."""
+    cfg, plan = resolve(cfg)  # bad store / shapes / batch sizes fail here, before Ray starts
+    run_dir = cfg.run.run_dir
+    latest = find_latest_checkpoint(run_dir)
+    print(
+        f"run {cfg.run.name}: "
+        + (f"resuming from {latest}" if latest else f"starting fresh in {run_dir}"),
+        flush=True,
+    )
+    where = connect_ray(cfg, address)
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    check_cluster(cfg, ray.cluster_resources(), ray.nodes())
+    tr = cfg.trainer
+    num_batches = plan.batches_per_epoch
+    steps = tr.max_steps or max(1, tr.epochs * num_batches // tr.grad_accum)
+    print(
+        f"{where}: {tr.num_workers} worker(s) x {tr.cpus_per_worker} CPU{'+1 GPU' if tr.use_gpu else ''}, "
+        f"ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision}; global batch {tr.global_batch} = micro "
+        f"{tr.micro_batch_size} x accum {tr.grad_accum} x {tr.num_workers} workers; {steps} steps; "
+        f"{plan.num_windows} windows in split {cfg.data.split!r} ({num_batches} batches/epoch per worker)",
+        flush=True,
+    )
+    from timemae_dist.train.worker import train_loop_per_worker
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict()},
+        scaling_config=ScalingConfig(
+            num_workers=tr.num_workers,
+            use_gpu=tr.use_gpu,
+            resources_per_worker={"CPU": tr.cpus_per_worker, **({"GPU": 1} if tr.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            storage_path=cfg.run.storage_path,
+            name=cfg.run.name,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+        ),
+    )
+    summary_file = run_dir / "summary.json"
+    summary_file.unlink(missing_ok=True)
+    result = trainer.fit()
+    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    done = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    return {
+        "run": cfg.run.name,
+        "steps": int(done.get("steps", 0)),
+        "windows_per_s": float(done.get("windows_per_s", float("nan"))),
+        "final_loss": float(done.get("final_loss", float("nan"))),
+        "checkpoint": ckpt,
+        "tensorboard": str(run_dir / "tb"),
+    }

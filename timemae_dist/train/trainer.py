@@ -1,0 +1,322 @@
+"""The pretraining loop: ``train`` -> ``train_step`` -> ``forward_backward``.
+
+One loop serves both paths. It drives an *engine* with DeepSpeed's surface (``engine(x)``,
+``backward``, ``step``, ``get_lr``, ``get_global_grad_norm``, ``save_checkpoint``,
+``load_checkpoint``): a real ``DeepSpeedEngine`` in Ray workers, or :class:`PlainEngine`
+(torch AdamW + the same warmup/cosine schedule) for ``timemae pretrain --single-process``.
+
+The momentum target encoder lives outside the engine (replicated, float32, no grad) and is
+updated after every optimizer step from the online encoder's full parameters (gathered under
+ZeRO-3). Host syncs happen on logging steps only (marked ``# host sync``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from timemae_dist.model import TimeMAE
+from timemae_dist.train.config import PretrainConfig
+from timemae_dist.train.metrics import MetricsWriter, StepClock, memory_metrics
+
+__all__ = ["TrainState", "PlainEngine", "Trainer", "warmup_cosine_ratio", "total_steps"]
+
+
+def total_steps(cfg: PretrainConfig, batches_per_epoch: int) -> int:
+    """Optimizer steps of the run: ``max_steps`` or ``epochs`` passes over the split."""
+    if cfg.trainer.max_steps > 0:
+        return cfg.trainer.max_steps
+    return max(1, cfg.trainer.epochs * batches_per_epoch // cfg.trainer.grad_accum)
+
+
+def warmup_cosine_ratio(it: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier of DeepSpeed's ``WarmupCosineLR`` (linear warm-up from 0) at iteration ``it``."""
+    if it < 0:
+        return 0.0
+    warmup = max(2, warmup)
+    if it < warmup:
+        return it / warmup
+    progress = min(1.0, (it - warmup + 1) / max(1, total - warmup))
+    return max(0.0, min_ratio + (1.0 - min_ratio) * (1 + math.cos(math.pi * progress)) / 2)
+
+
+@dataclass
+class TrainState:
+    """Trainer counters (resumable)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current loader epoch
+    windows: int = 0  # windows consumed by all ranks together
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "epoch": self.epoch, "windows": self.windows}
+
+    def load_state_dict(self, sd: dict[str, int]) -> None:
+        self.step, self.epoch, self.windows = int(sd["step"]), int(sd["epoch"]), int(sd["windows"])
+
+
+class PlainEngine:
+    """The part of DeepSpeedEngine's surface the loop uses, for one process without DeepSpeed."""
+
+    def __init__(self, module: nn.Module, cfg: PretrainConfig, num_steps: int):
+        ds = cfg.deepspeed
+        self.module = module
+        self.optimizer = torch.optim.AdamW(
+            module.parameters(), lr=ds.lr, betas=tuple(ds.betas), eps=ds.eps, weight_decay=ds.weight_decay
+        )
+        self._lr0 = ds.lr
+        self._sched = dict(warmup=ds.warmup_steps, total=num_steps, min_ratio=ds.min_lr_ratio)
+        self.last_iteration = -1
+        self._set_lr()
+        self.grad_accum = cfg.trainer.grad_accum
+        self.clip = ds.clip
+        self.bf16 = ds.precision == "bf16"
+        self.micro_steps = 0
+        self._grad_norm: Optional[torch.Tensor] = None
+
+    def _set_lr(self) -> None:
+        lr = self._lr0 * warmup_cosine_ratio(self.last_iteration, **self._sched)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        ctx = torch.autocast(next(self.module.parameters()).device.type, torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        with ctx:
+            return self.module(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.grad_accum:
+            return
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.clip > 0:
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip)
+        else:
+            self._grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.last_iteration += 1
+        self._set_lr()
+
+    def get_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def get_global_grad_norm(self) -> Optional[torch.Tensor]:
+        return self._grad_norm
+
+    def save_checkpoint(self, save_dir: str | Path, tag: str, client_state: dict) -> None:
+        d = Path(save_dir) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "module": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "last_iteration": self.last_iteration,
+                "micro_steps": self.micro_steps,
+                "client_state": client_state,
+            },
+            d / "plain_engine.pt",
+        )
+        (Path(save_dir) / "latest").write_text(tag)
+
+    def load_checkpoint(self, load_dir: str | Path) -> tuple[str, dict]:
+        tag = (Path(load_dir) / "latest").read_text().strip()
+        sd = torch.load(Path(load_dir) / tag / "plain_engine.pt", map_location="cpu", weights_only=False)
+        self.module.load_state_dict(sd["module"])
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.last_iteration = int(sd["last_iteration"])
+        self.micro_steps = int(sd["micro_steps"])
+        self._set_lr()
+        return str(Path(load_dir) / tag), sd["client_state"]
+
+
+class Trainer:
+    """Runs pretraining on one rank: data -> engine -> EMA -> metrics -> checkpoints."""
+
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        engine: Any,
+        target: nn.Module,
+        loader: Any,
+        *,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        num_steps: int,
+        writer: MetricsWriter,
+        save_checkpoint: Callable[["Trainer", dict[str, float]], Optional[str]],
+        zero3: bool = False,
+        trace_path: Optional[Path] = None,
+    ):
+        self.cfg = cfg
+        self.engine = engine
+        self.target = target  # float32 EMA master copy, outside the engine
+        self.loader = loader
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.num_steps = num_steps
+        self.writer = writer
+        self._save_checkpoint = save_checkpoint
+        self.zero3 = zero3
+        self.state = TrainState(epoch=loader.epoch)
+        self.clock = StepClock()
+        self.last_metrics: dict[str, float] = {}
+        self.last_checkpoint: Optional[str] = None
+        self._trace = open(trace_path, "a") if trace_path is not None else None
+        # The encoder the forward uses as target: the master itself in fp32, a low-precision
+        # shadow (refreshed after each EMA step) when the engine computes in bf16/fp16.
+        compute_dtype = next(engine.module.parameters()).dtype
+        if compute_dtype == torch.float32:
+            self.target_compute = target
+        else:
+            self.target_compute = copy.deepcopy(target).to(compute_dtype)
+        self.input_dtype = compute_dtype
+        self.online_encoder = engine.module.encoder
+        self.momentum = cfg.model.momentum
+        self.tokens_per_window = cfg.model.num_windows  # (pos_embed is partitioned under ZeRO-3)
+
+    # -------------------------------------------------------------------------------------
+    # the loop
+
+    def batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches forever, advancing the loader's epoch (resumes mid-epoch)."""
+        while True:
+            loader = self.loader
+            if loader.epoch == self.state.epoch and loader.batches_consumed >= loader.num_batches:
+                self.state.epoch += 1  # the epoch ended (possibly right before a checkpoint)
+            loader.set_epoch(self.state.epoch)
+            yield from loader
+
+    def train(self) -> dict[str, Any]:
+        """Run until ``num_steps`` optimizer steps; returns the final summary."""
+        cfg = self.cfg
+        start_step = self.state.step
+        t_start = time.perf_counter()
+        self.engine.train()
+        batches = self.batches()
+        self.clock.reset()
+        every_ckpt = cfg.run.checkpoint_every
+        stop = self.num_steps if cfg.trainer.stop_after is None else min(cfg.trainer.stop_after, self.num_steps)
+        while self.state.step < stop:
+            out = self.train_step(batches)
+            step = self.state.step
+            log_now = step % cfg.run.log_every == 0 or step == stop
+            if log_now:
+                self.last_metrics = self.log_metrics(out)
+            if (every_ckpt and step % every_ckpt == 0) or step == stop:
+                if not self.last_metrics or not log_now:
+                    self.last_metrics = {**self.last_metrics, **self.reduce_losses(out)}
+                self.last_checkpoint = self._save_checkpoint(self, self.last_metrics)
+        elapsed = time.perf_counter() - t_start
+        done = self.state.step - start_step
+        windows = done * cfg.trainer.global_batch
+        summary = {
+            "steps": self.state.step,
+            "steps_this_run": done,
+            "windows_per_s": windows / elapsed if elapsed > 0 else float("nan"),
+            "final_loss": self.last_metrics.get("loss/total", float("nan")),
+            "final_loss_mrr": self.last_metrics.get("loss/mrr", float("nan")),
+            "final_loss_mcc": self.last_metrics.get("loss/mcc", float("nan")),
+            "checkpoint": self.last_checkpoint,
+            "elapsed_s": elapsed,
+        }
+        if self._trace is not None:
+            self._trace.close()
+            # Debugging/tests: each rank's EMA target encoder, to compare ranks and ZeRO stages.
+            trace_dir = Path(self._trace.name).parent
+            torch.save(
+                {k: v.detach().float().cpu() for k, v in self.target.state_dict().items()},
+                trace_dir / f"target_rank_{self.rank:05d}.pt",
+            )
+        return summary
+
+    def train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """One optimizer step: ``grad_accum`` micro-batches, engine step, EMA of the target."""
+        out: dict[str, torch.Tensor] = {}
+        for _ in range(self.cfg.trainer.grad_accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            x_BCT = batch["x"].to(self.device, dtype=self.input_dtype, non_blocking=True)
+            self.clock.data_wait(time.perf_counter() - t0)
+            if self._trace is not None:  # debugging/tests only: the loader's indices are host tensors
+                self._trace.write(json.dumps({"step": self.state.step, "index": batch["index"].tolist()}) + "\n")
+            out = self.forward_backward(x_BCT)
+            self.engine.step()  # DeepSpeed steps the optimizer on the accumulation boundary
+        self.ema_update()
+        self.state.step += 1
+        self.state.windows += self.cfg.trainer.global_batch
+        self.clock.step_done(self.cfg.trainer.micro_batch_size * self.cfg.trainer.grad_accum)
+        return out
+
+    def forward_backward(self, x_BCT: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.engine(x_BCT, target_encoder=self.target_compute)
+        self.engine.backward(out["loss"])
+        return out
+
+    @torch.no_grad()
+    def ema_update(self) -> None:
+        """``target = m * target + (1 - m) * online`` from the online encoder's full parameters."""
+        params = list(self.online_encoder.parameters())
+        if self.zero3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                TimeMAE.momentum_update_(self.target, params, self.momentum)
+        else:
+            TimeMAE.momentum_update_(self.target, params, self.momentum)
+        if self.target_compute is not self.target:
+            torch._foreach_copy_(list(self.target_compute.parameters()), list(self.target.parameters()))
+
+    # -------------------------------------------------------------------------------------
+    # metrics (logging steps only: these sync with the host)
+
+    def reduce_losses(self, out: dict[str, torch.Tensor]) -> dict[str, float]:
+        vals = torch.stack([out["loss"].detach(), out["loss_mrr"].detach(), out["loss_mcc"].detach()]).float()
+        if self.world_size > 1:
+            dist.all_reduce(vals)
+            vals /= self.world_size
+        total, mrr, mcc = vals.tolist()  # host sync (checkpoint steps only)
+        return {"loss/total": total, "loss/mrr": mrr, "loss/mcc": mcc}
+
+    def log_metrics(self, out: dict[str, torch.Tensor]) -> dict[str, float]:
+        m = TimeMAE.pretrain_metrics(out)  # host sync (logging step)
+        vals = torch.tensor(
+            [m["loss"], m["loss_mrr"], m["loss_mcc"], m["mcc_top1"], m["mcc_ndcg10"]], device=self.device
+        )
+        if self.world_size > 1:
+            dist.all_reduce(vals)
+            vals /= self.world_size
+        total, mrr, mcc, top1, ndcg = vals.tolist()  # host sync (logging step)
+        scalars = {
+            "loss/total": total,
+            "loss/mrr": mrr,
+            "loss/mcc": mcc,
+            "mcc/top1": top1,
+            "mcc/ndcg10": ndcg,
+            "optim/lr": float(self.engine.get_lr()[0]),
+        }
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            scalars["optim/grad_norm"] = float(grad_norm)  # host sync (logging step)
+        scalars.update(self.clock.window(self.world_size, self.tokens_per_window))
+        scalars.update(memory_metrics(self.device))
+        scalars["progress/epoch"] = float(self.state.epoch)
+        self.writer.log(self.state.step, scalars)
+        self.clock.reset()
+        return scalars

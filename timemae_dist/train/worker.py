@@ -1,0 +1,128 @@
+"""The Ray Train worker loop: one DeepSpeed engine per worker, checkpoints reported to Ray.
+
+``train_loop_per_worker`` runs in every Ray Train worker. Ray gives it the rank, the world size
+and the torch process group (gloo on CPU, NCCL on GPU); DeepSpeed reuses that group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_pipeline.typedconfig import from_dict
+from timemae_dist.train.build import build_loader, build_model, rank_seed, seed_all
+from timemae_dist.train.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
+from timemae_dist.train.config import PretrainConfig
+from timemae_dist.train.ds_config import build_ds_config
+from timemae_dist.train.metrics import MetricsWriter, console
+from timemae_dist.train.trainer import Trainer, total_steps
+
+__all__ = ["train_loop_per_worker", "build_engine"]
+
+
+def build_engine(cfg: PretrainConfig, model: torch.nn.Module, world_size: int, num_steps: int):
+    """``deepspeed.initialize`` with the generated config, on the process group already set up."""
+    import deepspeed
+
+    ds_config = build_ds_config(cfg, world_size, num_steps)
+    engine, _opt, _loader, _sched = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+        dist_init_required=False,  # Ray Train already initialised torch.distributed
+    )
+    return engine
+
+
+def write_pid(run_dir: Path, rank: int) -> None:
+    """``<run>/pids/rank_<r>.pid``: lets tests (and operators) find a worker process."""
+    d = run_dir / "pids"
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".rank_{rank}.pid.tmp"
+    tmp.write_text(str(os.getpid()))
+    os.replace(tmp, d / f"rank_{rank}.pid")
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """``<run>/summary.json`` (rank 0, at the end): what the driver prints as its last line."""
+    tmp = run_dir / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, run_dir / "summary.json")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import torch.distributed as dist
+
+    cfg = from_dict(PretrainConfig, config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    run_dir = cfg.run.run_dir
+    write_pid(run_dir, rank)
+    if cfg.trainer.use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(cfg.trainer.cpus_per_worker)
+    if not dist.is_initialized():  # Ray sets the group up for world_size > 1 only in some versions
+        dist.init_process_group("nccl" if cfg.trainer.use_gpu else "gloo", rank=rank, world_size=world)
+
+    model = build_model(cfg)
+    target = model.detach_target_encoder().to(device)
+    loader = build_loader(cfg, rank, world)
+    num_steps = total_steps(cfg, loader.num_batches)
+    engine = build_engine(cfg, model, world, num_steps)
+    seed_all(rank_seed(cfg.trainer.seed, rank))
+    writer = MetricsWriter(
+        run_dir / "tb", total_steps=num_steps, enabled=rank == 0, console=cfg.run.console, hparams=cfg.to_dict()
+    )
+
+    def save(trainer: Trainer, metrics: dict[str, float]) -> str:
+        step = trainer.state.step
+        local = Path(tempfile.mkdtemp(prefix=f"timemae-ckpt-r{rank}-"))
+        try:
+            save_checkpoint(trainer, local, metrics)
+            ray.train.report(
+                {**metrics, "step": step},
+                checkpoint=ray.train.Checkpoint.from_directory(str(local)),
+                checkpoint_dir_name=checkpoint_name(step),
+            )
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+        return str(run_dir / checkpoint_name(step))
+
+    trace = None
+    if cfg.run.trace_data:
+        (run_dir / "trace").mkdir(parents=True, exist_ok=True)
+        trace = run_dir / "trace" / f"rank_{rank:05d}.jsonl"
+    trainer = Trainer(
+        cfg, engine, target, loader, rank=rank, world_size=world, device=device, num_steps=num_steps,
+        writer=writer, save_checkpoint=save, zero3=cfg.deepspeed.zero_stage == 3, trace_path=trace,
+    )
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            meta = load_checkpoint(trainer, d)
+        if rank == 0:
+            console(f"worker group resumed from {ckpt.path} at step {meta['step']}")
+    elif rank == 0:
+        console(f"worker group starting at step 0 ({num_steps} steps)")
+    try:
+        summary = trainer.train()
+    finally:
+        writer.close()
+    if rank == 0:
+        writer.summary(
+            f"done: {summary['steps']} steps, {summary['windows_per_s']:,.0f} windows/s, "
+            f"final loss {summary['final_loss']:.4f}"
+        )
+        write_summary(run_dir, summary)
