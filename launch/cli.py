@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
 
-from data_pipeline.errors import DataError
-from data_pipeline.typedconfig import ConfigError
+from launch.errors import run_reporting_user_errors
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
 
 
 def _command_line(argv: list[str]) -> str:
@@ -158,13 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args, argv)
-    except USER_ERRORS as e:
-        if os.environ.get("TIMEMAE_TRACEBACK"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_reporting_user_errors(lambda: args.func(args, argv))
 
 
 if __name__ == "__main__":

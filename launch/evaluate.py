@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from data_pipeline.errors import DataError
 from data_pipeline.typedconfig import ConfigError
+from launch.errors import run_reporting_user_errors
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = {
@@ -129,17 +128,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from timemae_dist.eval.errors import EvalError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    try:
-        return _run(args)
-    except (ConfigError, DataError, EvalError, FileNotFoundError) as e:
-        if os.environ.get("TIMEMAE_TRACEBACK"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_reporting_user_errors(lambda: _run(args))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import json
 import sys
 from typing import Optional
 
+from launch.errors import run_reporting_user_errors
+
 __all__ = ["main"]
 
 
@@ -19,16 +21,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("checkpoint", help="<storage_path>/<run>/checkpoint_<step> or <storage_path>/<run>")
     p.add_argument("out_dir", help="output folder (model.safetensors + config.json)")
     args = p.parse_args(argv)
-    from timemae_dist.train.errors import PretrainError
-    from timemae_dist.train.export import export_checkpoint
 
-    try:
+    def run() -> int:
+        from timemae_dist.train.export import export_checkpoint
+
         out = export_checkpoint(args.checkpoint, args.out_dir)
-    except PretrainError as e:
-        print(f"timemae export: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"out_dir": str(out), "weights": str(out / "model.safetensors")}))
-    return 0
+        print(json.dumps({"out_dir": str(out), "weights": str(out / "model.safetensors")}))
+        return 0
+
+    return run_reporting_user_errors(run)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import json
 import sys
 from typing import Optional
 
+from launch.errors import run_reporting_user_errors
+
 __all__ = ["main", "build_parser"]
 
 
@@ -30,12 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from data_pipeline.typedconfig import ConfigError
-    from timemae_dist.train.config import load_pretrain_config
-    from timemae_dist.train.errors import PretrainError
+    return run_reporting_user_errors(lambda: _run(args))
 
+
+def _run(args: argparse.Namespace) -> int:
+    from timemae_dist.train.config import load_pretrain_config
+
+    cfg = load_pretrain_config(args.config, args.overrides)
     try:
-        cfg = load_pretrain_config(args.config, args.overrides)
         if args.single_process:
             from timemae_dist.train.single import run_single
 
@@ -44,9 +48,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             from timemae_dist.train.driver import run_distributed
 
             summary = run_distributed(cfg, address=args.address)
-    except (ConfigError, PretrainError) as e:
-        print(f"timemae pretrain: error: {e}", file=sys.stderr)
-        return 2
     except Exception as e:  # Ray's TrainingFailedError & co: keep the cause, drop the deep traceback
         name = type(e).__name__
         if name in ("TrainingFailedError", "WorkerGroupError", "ControllerError"):
@@ -55,7 +56,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise
     print(json.dumps({k: summary.get(k) for k in ("steps", "windows_per_s", "final_loss", "checkpoint")} | summary))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

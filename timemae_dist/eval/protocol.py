@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
-import torch
 
 from data_pipeline.splits import label_fraction_subset
 from data_pipeline.store import Store
