@@ -92,6 +92,9 @@ class EvalConfig:
     baselines: bool = option(
         False, "also evaluate a random-init encoder (same protocol) and supervised-from-scratch"
     )
+    scratch_baseline: bool = option(
+        True, "with baselines: include supervised-from-scratch (the slow one; false = random init only)"
+    )
     train_split: str = option("train", "split the classifier is trained on")
     val_split: str = option("val", "split used for every model-selection decision")
     test_split: str = option("test", "split reported once, at the end")

@@ -104,13 +104,14 @@ class EvalData:
         return [int(c) for c in np.union1d(self.classes, self.test()[1])]
 
 
-def model_plan(kind: Kind, baselines: bool) -> list[tuple[str, Kind]]:
+def model_plan(kind: Kind, baselines: bool, scratch: bool = True) -> list[tuple[str, Kind]]:
     """``(model, protocol)`` pairs a command evaluates."""
     plan: list[tuple[str, Kind]] = [("pretrained", kind)]
     if baselines:
         if kind == "linear":
             plan.append(("random_init", "linear"))
-        plan.append(("scratch", "finetune"))  # random init + fine-tuning == supervised from scratch
+        if scratch or kind == "finetune":
+            plan.append(("scratch", "finetune"))  # random init + fine-tuning == supervised from scratch
     return plan
 
 
@@ -228,7 +229,7 @@ def run_evaluation(
     data = EvalData(st, cfg)
     feats = _FeatureCache(data, cfg)
     rows: list[dict] = []
-    for name, protocol in model_plan(kind, cfg.baselines):
+    for name, protocol in model_plan(kind, cfg.baselines, cfg.scratch_baseline):
         for fraction in cfg.label_fractions:
             for seed in cfg.seeds:
                 t0 = time.perf_counter()

@@ -12,7 +12,7 @@ __all__ = ["build_ds_config"]
 def build_ds_config(cfg: PretrainConfig, world_size: int, total_steps: int) -> dict[str, Any]:
     """The DeepSpeed config dict for ``world_size`` ranks training ``total_steps`` optimizer steps.
 
-    AdamW (torch's implementation unless the optimizer is offloaded, where DeepSpeed's CPU Adam
+    AdamW (torch's fused implementation unless the optimizer is offloaded, where DeepSpeed's CPU Adam
     is the supported one) + ``WarmupCosineLR`` stepped once per optimizer step by the engine.
     """
     ds, tr = cfg.deepspeed, cfg.trainer
@@ -24,6 +24,7 @@ def build_ds_config(cfg: PretrainConfig, world_size: int, total_steps: int) -> d
     }
     if not ds.offload_optimizer:
         adam["torch_adam"] = True
+        adam["fused"] = True  # torch's fused AdamW kernel: one call over all tensors (CPU and CUDA)
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
         zero.update(

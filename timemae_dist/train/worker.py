@@ -31,6 +31,14 @@ def build_engine(cfg: PretrainConfig, model: torch.nn.Module, world_size: int, n
     import deepspeed
 
     ds_config = build_ds_config(cfg, world_size, num_steps)
+    if cfg.deepspeed.zero_stage == 3:
+        # The attention projects q|k|v with one matmul over its Linear children's weights, so
+        # ZeRO-3 must gather all of an attention module's parameters when it enters it.
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from timemae_dist.model.layers import MultiHeadAttention
+
+        set_z3_leaf_modules(model, [MultiHeadAttention], raise_if_not_found=False)
     engine, _opt, _loader, _sched = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
