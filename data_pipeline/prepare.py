@@ -76,11 +76,10 @@ class PrepareResult:
 
 
 def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
+    """A progress bar over recordings (a silent pass-through when disabled)."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit="rec", file=sys.stderr, leave=False)
+    return tqdm(iterable, total=total, desc=desc, unit="rec", file=sys.stderr, leave=False, disable=not enabled)
 
 
 def _config_fingerprint(config: dict) -> str:
@@ -180,7 +179,7 @@ def _finish(
                     ).hexdigest(),
                 }
         splits[name] = entry
-    if cfg.split.method != "random":
+    if cfg.split.method not in ("random", "predefined"):  # window files carry no subjects
         check_subject_disjoint({s: set(splits[s]["subjects"]) for s in SPLITS})
     stats_dict = stats.to_dict()
     manifest = {
@@ -231,7 +230,8 @@ def _from_recordings(cfg: DataConfig, out: Path, meta: dict, progress: bool) -> 
     sources: list[dict] = []
     writer: StoreWriter | None = None
     try:
-        for rec_id, ref in enumerate(_progress(refs, len(refs), "recordings", progress)):
+        bar = _progress(refs, len(refs), "recordings", progress)
+        for rec_id, ref in enumerate(bar):
             rec = read_recording(ref, cfg.source)
             # the config's rate wins over file metadata
             rate = cfg.source.sample_rate_hz or rec.sample_rate_hz
@@ -277,6 +277,11 @@ def _from_recordings(cfg: DataConfig, out: Path, meta: dict, progress: bool) -> 
                 acc[split].add(w.label[sel], ref.subject, ref.name, keep_labels=split == "train")
                 if split == "train":
                     stats.update(x)
+            bar.set_postfix(
+                windows=sum(a.num_windows for a in acc.values()),
+                shards=writer.num_shards_written,
+                refresh=False,
+            )
             sources.append(
                 {
                     "id": rec_id,

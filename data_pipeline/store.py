@@ -382,6 +382,11 @@ class StoreWriter:
             if self._fill[split] == S:
                 self._flush(split)
 
+    @property
+    def num_shards_written(self) -> int:
+        """Shard files completed so far, over all splits (for progress reporting)."""
+        return sum(len(v) for v in self._shards.values())
+
     def _flush(self, split: str) -> None:
         rows = self._fill[split]
         if rows == 0:

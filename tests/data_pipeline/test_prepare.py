@@ -198,3 +198,36 @@ def test_hapt_har_config_rebuilds_uci_har(tmp_path: Path) -> None:
     assert len(s["val"]["subjects"]) == 4  # 20% of the 21 train subjects
     # unlabelled/transition windows are kept for pretraining
     assert s["train"]["num_windows"] > s["train"]["num_labelled"]
+
+
+def test_prepare_from_official_window_files(tmp_path: Path) -> None:
+    """The official TimeMAE / TS-TCC HAR format (train.pt/val.pt/test.pt) becomes a store as is."""
+    import torch
+
+    rng = np.random.default_rng(1)
+    src = tmp_path / "har_pt"
+    src.mkdir()
+    sizes = {"train": 70, "val": 20, "test": 30}
+    for split, n in sizes.items():
+        samples = torch.from_numpy(rng.normal(size=(n, 3, 32)).astype(np.float32))
+        labels = torch.from_numpy(rng.integers(0, 4, size=n))
+        torch.save({"samples": samples, "labels": labels}, src / f"{split}.pt")
+    out = tmp_path / "store"
+    cfg = load_data_config(
+        None,
+        ["source.kind=windows", f"source.path={src}", "split.method=predefined", "window.length=32",
+         f"output.path={out}", "output.chunk_windows=8", "output.shard_windows=32",
+         "source.channels=[a, b, c]"],
+    )
+    m = prepare(cfg).manifest
+    assert {s: m["splits"][s]["num_windows"] for s in sizes} == sizes
+    assert [c["name"] for c in m["channels"]] == ["a", "b", "c"]
+    store = open_store(out)
+    for split in sizes:
+        saved = torch.load(src / f"{split}.pt", weights_only=True)
+        got = store.read_all(split)
+        np.testing.assert_array_equal(got["windows"], saved["samples"].numpy())
+        np.testing.assert_array_equal(got["label"], saved["labels"].numpy())
+    with pytest.raises(DataError, match="window.length=32"):
+        prepare(load_data_config(None, ["source.kind=windows", f"source.path={src}", "split.method=predefined",
+                                        f"output.path={tmp_path / 'o2'}"]))
