@@ -6,7 +6,7 @@
 # per invocation of the pretraining command (0 = run to the end).
 #
 #   bash benchmarks/reproduce_hapt_har.sh                 # everything, official budget
-#   FT_EPOCHS=15 FT_PATIENCE=5 bash benchmarks/...        # reduced fine-tuning budget (as in RESULTS.md)
+#   FT_EPOCHS=20 FT_PATIENCE=10 bash benchmarks/reproduce_hapt_har.sh   # reduced fine-tuning budget (as in RESULTS.md)
 #   STOP_AT=3400 bash benchmarks/...                      # stop pretraining at this step, evaluate that checkpoint
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ export OMP_NUM_THREADS=$THREADS
 
 [ -f stores/hapt_har/manifest.json ] || $TM data prepare configs/data/hapt_har.yaml
 
-last_step() { ls -d "runs/$RUN"/checkpoint_* 2>/dev/null | sed 's/.*checkpoint_0*//' | sort -n | tail -1; }
+last_step() { ls -d "runs/$RUN"/checkpoint_* 2>/dev/null | sed 's/.*checkpoint_0*//' | sort -n | tail -1 || true; }
 step=$(last_step); step=${step:-0}
 while [ "$step" -lt "$STOP_AT" ]; do
   target=$STOP_AT

@@ -138,15 +138,6 @@ def _demo(args: argparse.Namespace, argv: list[str]) -> int:
     ])
 
 
-def _delegate(module: str):
-    def run(args: argparse.Namespace, argv: list[str]) -> int:
-        import importlib
-
-        return int(importlib.import_module(module).main(args.rest) or 0)
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="timemae", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -174,19 +165,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--run-name", default="demo", help="run name (re-using it resumes the run)")
     demo.set_defaults(func=_demo)
 
-    for name, module, help_ in (
-        ("pretrain", "launch.pretrain", "pretrain TimeMAE (Ray Train + DeepSpeed)"),
-        ("export", "launch.export", "export a checkpoint's encoder"),
-        ("evaluate", "launch.evaluate", "linear probe / fine-tune / t-SNE of an encoder"),
+    for name, help_ in (
+        ("pretrain", "pretrain TimeMAE (Ray Train + DeepSpeed, or --single-process)"),
+        ("export", "export a checkpoint's encoder"),
+        ("evaluate", "linear probe / fine-tune / t-SNE of an encoder"),
     ):
-        sp = sub.add_parser(name, help=help_, add_help=False)
-        sp.add_argument("rest", nargs=argparse.REMAINDER)
-        sp.set_defaults(func=_delegate(module))
+        sub.add_parser(name, help=help_, add_help=False)  # listed in --help; main() dispatches
     return p
+
+
+# Subcommands with their own parser (`timemae pretrain --single-process ...`, `--help`):
+# handed their arguments untouched, before argparse could claim a leading option.
+DELEGATED = {"pretrain": "launch.pretrain", "export": "launch.export", "evaluate": "launch.evaluate"}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        return int(importlib.import_module(DELEGATED[argv[0]]).main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     return run_reporting_user_errors(lambda: args.func(args, argv))
 
