@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # options may follow key=value overrides
     return run_reporting_user_errors(lambda: _run(args))
 
 
@@ -54,7 +54,9 @@ def _run(args: argparse.Namespace) -> int:
             print(f"timemae pretrain: training failed ({name}): {e}", file=sys.stderr)
             return 1
         raise
-    print(json.dumps({k: summary.get(k) for k in ("steps", "windows_per_s", "final_loss", "checkpoint")} | summary))
+    sys.stderr.flush()
+    print(json.dumps({k: summary.get(k) for k in ("steps", "windows_per_s", "final_loss", "checkpoint")} | summary),
+          flush=True)
     return 0
 
 if __name__ == "__main__":

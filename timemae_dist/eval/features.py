@@ -110,8 +110,8 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Any:
     p = Path(path).expanduser()
     if not p.exists():
         raise EvalError(
-            f"checkpoint {str(p)!r} does not exist; pass runs/<run>/checkpoints/<tag> or a folder "
-            "written by `timemae export`"
+            f"checkpoint {str(p)!r} does not exist; pass a run folder (<storage_path>/<run>: its newest "
+            "checkpoint), <storage_path>/<run>/checkpoint_<step>, or a folder written by `timemae export`"
         )
     if not p.is_dir():
         raise EvalError(f"checkpoint {str(p)!r} is a file; pass the checkpoint or export folder")
