@@ -128,6 +128,7 @@ def _demo(args: argparse.Namespace, argv: list[str]) -> int:
         f"run.name={args.run_name}",
         f"run.checkpoint_every={args.steps}",
         f"run.log_every={max(1, args.steps // 6)}",
+        "run.eval_every=0",  # step 3 probes the encoder anyway
     ])
     if rc != 0:
         return rc

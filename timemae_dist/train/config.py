@@ -149,6 +149,11 @@ class RunSection:
     keep_checkpoints: int = option(3, "checkpoints kept on disk (the newest)")
     log_every: int = option(50, "optimizer steps between log lines / TensorBoard points")
     max_failures: int = option(1, "worker-group restarts from the last checkpoint before giving up")
+    eval_every: int = option(
+        0,
+        "optimizer steps between linear probes on the validation split (rank 0 logs "
+        "eval/linear_val_acc; also at the end of the run); 0 = off",
+    )
     console: bool = option(True, "print one line per log step on rank 0")
     trace_data: bool = option(
         False, "debugging: each rank appends the window indices of every batch to <run>/trace/"
@@ -161,6 +166,8 @@ class RunSection:
             raise ConfigError("keep_checkpoints", "must be >= 1")
         if self.log_every < 1:
             raise ConfigError("log_every", "must be >= 1")
+        if self.eval_every < 0:
+            raise ConfigError("eval_every", "must be >= 0 (0 = no linear probe during pretraining)")
         if self.max_failures < -1:
             raise ConfigError("max_failures", "must be >= 0 (or -1 = retry forever)")
         if self.name is not None and (not self.name or "/" in self.name):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any, Optional
 
 from timemae_dist.train.checkpoint import find_latest_checkpoint
@@ -37,7 +38,12 @@ def connect_ray(cfg: PretrainConfig, address: Optional[str] = None) -> str:
 
 
 def run_distributed(cfg: PretrainConfig, address: Optional[str] = None) -> dict[str, Any]:
-    """Pretrain with Ray Train + DeepSpeed; returns the summary dict the CLI prints as JSON."""
+    """Pretrain with Ray Train + DeepSpeed; returns the summary dict the CLI prints as JSON.
+
+    A Ray connection made here (embedded local Ray or a joined cluster) is closed before
+    returning, so the caller's JSON line is the last thing printed; a Ray the caller had
+    already initialised is left alone.
+    """
     cfg, plan = resolve(cfg)  # bad store / shapes / batch sizes fail here, before Ray starts
     run_dir = cfg.run.run_dir
     latest = find_latest_checkpoint(run_dir)
@@ -82,7 +88,15 @@ def run_distributed(cfg: PretrainConfig, address: Optional[str] = None) -> dict[
     )
     summary_file = run_dir / "summary.json"
     summary_file.unlink(missing_ok=True)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if where != "existing":
+            # Disconnect now (stops the embedded Ray; only detaches from a joined cluster) so that
+            # no worker log Ray forwards can be printed after the caller's final JSON line.
+            ray.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
     done = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     return {

@@ -61,6 +61,10 @@ class StepClock:
         self._steps = 0
         self._windows = 0
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (e.g. a linear probe) out of the current window's wall time."""
+        self._t0 += seconds
+
     def data_wait(self, seconds: float) -> None:
         self._data_s += seconds
 
@@ -121,6 +125,18 @@ class MetricsWriter:
             self._writer.flush()
         if self.console:
             console(self.format_line(step, scalars))
+
+    def log_eval(self, step: int, scalars: dict[str, float]) -> None:
+        """Evaluation scalars (e.g. ``eval/linear_val_acc``): TensorBoard + one console line."""
+        if not self.enabled:
+            return
+        if self._writer is not None:
+            for tag, value in scalars.items():
+                self._writer.add_scalar(tag, float(value), step)
+            self._writer.flush()
+        if self.console:
+            console(f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}  "
+                    + "  ".join(f"{tag} {value:.4f}" for tag, value in scalars.items()))
 
     def format_line(self, step: int, s: dict[str, float]) -> str:
         done = step - (self._start_step or 0)

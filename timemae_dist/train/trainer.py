@@ -8,6 +8,13 @@ One loop serves both paths. It drives an *engine* with DeepSpeed's surface (``en
 The momentum target encoder lives outside the engine (replicated, float32, no grad) and is
 updated after every optimizer step from the online encoder's full parameters (gathered under
 ZeRO-3). Host syncs happen on logging steps only (marked ``# host sync``).
+
+``run.eval_every``: every that many steps and at the end, rank 0 fits a linear probe on the
+online encoder (``timemae_dist.eval.linear_probe_val_accuracy``: <= 2048 windows of the train
+and validation splits, never test) and logs ``eval/linear_val_acc``. Under ZeRO-3 every rank
+joins one ``GatheredParameters`` collective and rank 0 probes a plain float32 replica built
+from the gathered weights (so no ZeRO-3 hook runs on rank 0 alone); the same replica is used
+for bf16/fp16 engines. The probe's wall time is excluded from the throughput figures.
 """
 
 from __future__ import annotations
@@ -221,6 +228,8 @@ class Trainer:
             log_now = step % cfg.run.log_every == 0 or step == stop
             if log_now:
                 self.last_metrics = self.log_metrics(out)
+            if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == stop):
+                self.evaluate()
             if (every_ckpt and step % every_ckpt == 0) or step == stop:
                 if not self.last_metrics or not log_now:
                     self.last_metrics = {**self.last_metrics, **self.reduce_losses(out)}
@@ -284,6 +293,49 @@ class Trainer:
             TimeMAE.momentum_update_(self.target, params, self.momentum)
         if self.target_compute is not self.target:
             torch._foreach_copy_(list(self.target_compute.parameters()), list(self.target.parameters()))
+
+    # -------------------------------------------------------------------------------------
+    # periodic linear probe (eval steps only)
+
+    def evaluate(self) -> Optional[float]:
+        """Log ``eval/linear_val_acc`` (rank 0) on the validation split; returns it on rank 0."""
+        t0 = time.perf_counter()
+        model = self._probe_model()  # a collective under ZeRO-3: every rank calls it
+        acc = None
+        if self.rank == 0:
+            from timemae_dist.eval import linear_probe_val_accuracy
+
+            acc = linear_probe_val_accuracy(model, self.cfg.data.store, max_windows=2048,
+                                            normalize=self.cfg.data.normalize)
+            self.writer.log_eval(self.state.step, {"eval/linear_val_acc": acc})
+        self.clock.exclude(time.perf_counter() - t0)
+        return acc
+
+    def _probe_model(self) -> Optional[nn.Module]:
+        """Rank 0: the online model to probe (the engine's, or a float32 replica); None elsewhere."""
+        module = self.engine.module
+        if not self.zero3 and self.input_dtype == torch.float32:
+            return module if self.rank == 0 else None
+        state = None
+        if self.zero3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                if self.rank == 0:
+                    state = {n: p.detach().float().clone() for n, p in module.named_parameters()}
+        elif self.rank == 0:
+            state = {n: p.detach().float().clone() for n, p in module.named_parameters()}
+        if self.rank != 0:
+            return None
+        if getattr(self, "_probe_replica", None) is None:
+            with torch.random.fork_rng(devices=[]):  # building must not move the training RNG
+                replica = TimeMAE(module.config)
+            replica.detach_target_encoder()
+            self._probe_replica = replica.to(self.device)
+        missing, unexpected = self._probe_replica.load_state_dict(state, strict=False)
+        if unexpected or any(k in dict(self._probe_replica.named_parameters()) for k in missing):
+            raise RuntimeError(f"linear probe replica does not match the model: {missing[:4]} {unexpected[:4]}")
+        return self._probe_replica
 
     # -------------------------------------------------------------------------------------
     # metrics (logging steps only: these sync with the host)

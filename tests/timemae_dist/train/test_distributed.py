@@ -102,11 +102,25 @@ def stage_runs(ray_local, tiny_store, tmp_path_factory):
     storage = tmp_path_factory.mktemp("stages")
     out = {}
     for stage in (0, 2, 3):
+        # ZeRO-3 also runs the periodic linear probe (gathered weights): the EMA test below then
+        # checks that probing leaves training untouched.
+        probe = ("run.eval_every=5",) if stage == 3 else ()
         out[stage] = _run(
             tiny_store, storage, f"zero{stage}", f"deepspeed.zero_stage={stage}", "trainer.max_steps=10",
-            "run.checkpoint_every=0", "run.log_every=5", "model.dropout=0.1",
+            "run.checkpoint_every=0", "run.log_every=5", "model.dropout=0.1", *probe,
         )
     return storage, out
+
+
+def test_linear_probe_under_zero3(stage_runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    storage, _ = stage_runs
+    acc = EventAccumulator(str(storage / "zero3" / "tb"))
+    acc.Reload()
+    events = acc.Scalars("eval/linear_val_acc")
+    assert [e.step for e in events] == [5, 10]
+    assert all(0.0 <= e.value <= 1.0 for e in events)
 
 
 def test_ema_agrees_across_stages_and_ranks(stage_runs):

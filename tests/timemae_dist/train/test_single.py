@@ -63,3 +63,18 @@ def test_state_dict_round_trip(tiny_store, tmp_path):
     model.eval(), again.eval()
     torch.testing.assert_close(model.encode(x), again.encode(x), rtol=0, atol=0)
     assert summary["steps"] == 2
+
+
+def test_periodic_linear_probe_logs_val_accuracy(tiny_store, tmp_path):
+    """run.eval_every: rank 0 logs eval/linear_val_acc every N steps and at the end."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    over = tiny_overrides(tiny_store, tmp_path, "probe", "trainer.max_steps=5", "run.eval_every=2",
+                          "run.checkpoint_every=0")
+    summary = run_single(load_pretrain_config(TINY_CONFIG, over))
+    assert summary["steps"] == 5
+    acc = EventAccumulator(str(tmp_path / "probe" / "tb"))
+    acc.Reload()
+    events = acc.Scalars("eval/linear_val_acc")
+    assert [e.step for e in events] == [2, 4, 5]
+    assert all(0.0 <= e.value <= 1.0 for e in events)
