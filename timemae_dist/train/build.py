@@ -48,5 +48,6 @@ def build_loader(cfg: PretrainConfig, rank: int, world_size: int):
         num_workers=d.loader_workers,
         shuffle=d.shuffle,
         remainder=d.remainder,
+        labelled_only=d.labelled_only,
         normalize=d.normalize,
     )

@@ -38,6 +38,9 @@ class DataSection:
     remainder: Literal["drop", "wrap"] = option(
         "drop", "the last incomplete batch of an epoch: drop it or wrap around to fill it"
     )
+    labelled_only: bool = option(
+        False, "pretrain on labelled windows only (ablation; default uses unlabelled ones too)"
+    )
 
     def validate(self) -> None:
         if not self.store:

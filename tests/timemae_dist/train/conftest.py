@@ -26,14 +26,17 @@ def make_windows(n: int, seed: int) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def write_store(path: Path, n_train: int = 256, fmt: str = "zarr") -> Path:
+def write_store(path: Path, n_train: int = 256, fmt: str = "zarr", unlabelled_every: int = 0) -> Path:
     from data_pipeline.store import StoreWriter
 
     sizes = {"train": n_train, "val": 32, "test": 32}
     with StoreWriter(path, fmt, CHANNELS, WINDOW, chunk_windows=32, shard_windows=128) as w:
         for i, (split, n) in enumerate(sizes.items()):
             x = make_windows(n, seed=i)
-            w.append(split, x, label=np.arange(n) % 4, subject=np.arange(n) % 5, recording=0, offset=np.arange(n) * WINDOW)
+            label = np.arange(n) % 4
+            if unlabelled_every:
+                label[::unlabelled_every] = -1
+            w.append(split, x, label=label, subject=np.arange(n) % 5, recording=0, offset=np.arange(n) * WINDOW)
         train = make_windows(n_train, seed=0)
         w.finalize(
             {

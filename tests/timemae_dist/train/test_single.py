@@ -78,3 +78,18 @@ def test_periodic_linear_probe_logs_val_accuracy(tiny_store, tmp_path):
     events = acc.Scalars("eval/linear_val_acc")
     assert [e.step for e in events] == [2, 4, 5]
     assert all(0.0 <= e.value <= 1.0 for e in events)
+
+
+def test_labelled_only_pretraining_reads_only_labelled_windows(tmp_path):
+    from timemae_dist.train.build import build_loader
+
+    from .conftest import write_store
+
+    store = write_store(tmp_path / "half", n_train=256, unlabelled_every=2)
+    base = tiny_overrides(store, tmp_path, "lab", "trainer.micro_batch_size=16")
+    everything = build_loader(load_pretrain_config(TINY_CONFIG, base), rank=0, world_size=1)
+    labelled = build_loader(load_pretrain_config(TINY_CONFIG, [*base, "data.labelled_only=true"]), rank=0, world_size=1)
+    assert everything.num_batches == 16 and labelled.num_batches == 8
+    labels = torch.cat([b["label"] for b in labelled])
+    assert labels.numel() == 128 and bool((labels >= 0).all())
+    assert bool((torch.cat([b["label"] for b in everything]) < 0).any())
