@@ -123,7 +123,7 @@ def _demo(args: argparse.Namespace, argv: list[str]) -> int:
         f"data.store={cfg.output.path}",
         f"trainer.max_steps={args.steps}",
         f"trainer.num_workers={args.workers}",
-        f"deepspeed.warmup_steps={max(1, args.steps // 10)}",
+        f"deepspeed.warmup_steps={max(1, min(200, args.steps // 3))}",
         f"run.storage_path={args.storage_path}",
         f"run.name={args.run_name}",
         f"run.checkpoint_every={args.steps}",
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="HAPT-HAR end to end: prepare, pretrain, linear probe")
     demo.add_argument("overrides", nargs="*", help="dotted key=value overrides of the data config")
-    demo.add_argument("--steps", type=int, default=300, help="pretraining steps (0 = prepare only)")
+    demo.add_argument("--steps", type=int, default=600, help="pretraining steps (0 = prepare only)")
     demo.add_argument("--workers", type=int, default=1, help="Ray Train workers")
     demo.add_argument("--storage-path", default="runs", help="where runs are written")
     demo.add_argument("--run-name", default="demo", help="run name (re-using it resumes the run)")
