@@ -36,7 +36,7 @@ from data_pipeline.splits import (
 from data_pipeline.stats import RunningStats
 from data_pipeline.store import StoreWriter, read_manifest
 from data_pipeline.typedconfig import to_dict
-from data_pipeline.windowing import derive_channels, make_windows
+from data_pipeline.windowing import derive_channels, make_windows, map_labels
 
 __all__ = ["prepare", "PrepareResult", "summary_table"]
 
@@ -356,10 +356,7 @@ def _from_window_files(cfg: DataConfig, out: Path, meta: dict, progress: bool) -
                 else:
                     keep = np.isfinite(x).all(axis=(1, 2))
                     x, y = x[keep], y[keep]
-            y = y.astype(np.int64)
-            if cfg.window.label_map is not None:
-                lut = dict(cfg.window.label_map)
-                y = np.array([lut.get(int(v), -1) for v in y], dtype=np.int64)
+            y = map_labels(y.astype(np.int64), cfg.window.label_map)
             offset = np.arange(x.shape[0], dtype=np.int64)
             if cfg.split.method == "random":
                 codes = random_split_codes(split_name, offset, cfg.split)

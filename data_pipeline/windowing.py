@@ -182,7 +182,7 @@ def num_windows(num_samples: int, length: int, stride: int, tail: str = "drop") 
     return full
 
 
-def _map_labels(labels: np.ndarray, label_map: Optional[dict[int, int]]) -> np.ndarray:
+def map_labels(labels: np.ndarray, label_map: Optional[dict[int, int]]) -> np.ndarray:
     labels = np.asarray(labels, dtype=np.int64)
     if label_map is None:
         return labels
@@ -241,7 +241,7 @@ def make_windows(
                 f"{where}: {labels.shape[0] if labels.ndim else 0} labels for {s} samples; "
                 "give one label per sample"
             )
-        labels = _map_labels(labels, cfg.label_map)
+        labels = map_labels(labels, cfg.label_map)
     else:
         labels = np.full(s, -1, dtype=np.int64)
 

@@ -231,3 +231,12 @@ def test_prepare_from_official_window_files(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="window.length=32"):
         prepare(load_data_config(None, ["source.kind=windows", f"source.path={src}", "split.method=predefined",
                                         f"output.path={tmp_path / 'o2'}"]))
+    # the window label map applies to window files too (unlisted raw labels become -1)
+    mapped = prepare(load_data_config(None, [
+        "source.kind=windows", f"source.path={src}", "split.method=predefined", "window.length=32",
+        f"output.path={tmp_path / 'mapped'}", "window.label_map={0: 1, 1: 0}",
+    ]))
+    raw = torch.load(src / "test.pt", weights_only=True)["labels"].numpy()
+    want = np.select([raw == 0, raw == 1], [1, 0], default=-1)
+    np.testing.assert_array_equal(open_store(tmp_path / "mapped").read_all("test")["label"], want)
+    assert mapped.manifest["splits"]["test"]["num_labelled"] == int((want >= 0).sum())
