@@ -33,7 +33,9 @@ def connect_ray(cfg: PretrainConfig, address: Optional[str] = None) -> str:
             ) from None
         return f"cluster {address}"
     num_cpus = max(os.cpu_count() or 1, 1)
-    ray.init(num_cpus=num_cpus, num_gpus=None if cfg.trainer.use_gpu else 0, include_dashboard=False)
+    # the dashboard serves the state API that Ray Train's placement-group cleaner polls (without it,
+    # it logs "State API may be temporarily unavailable" every few seconds)
+    ray.init(num_cpus=num_cpus, num_gpus=None if cfg.trainer.use_gpu else 0, include_dashboard=True)
     return f"embedded local Ray ({num_cpus} CPUs)"
 
 
