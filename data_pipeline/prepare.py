@@ -137,6 +137,20 @@ def prepare(cfg: DataConfig, *, command: str = "", progress: bool = False) -> Pr
     return PrepareResult(out, manifest, time.perf_counter() - t0, skipped_recordings=skipped)
 
 
+def _open_writer(cfg: DataConfig, out: Path, channels: list[str]) -> StoreWriter:
+    """The store writer the ``output`` section describes."""
+    return StoreWriter(
+        out,
+        cfg.output.format,
+        channels,
+        cfg.window.length,
+        dtype=cfg.output.dtype,
+        chunk_windows=cfg.output.chunk_windows,
+        shard_windows=cfg.output.shard_windows,
+        compression_level=cfg.output.compression_level,
+    )
+
+
 def _units(cfg: DataConfig, channels: list[str]) -> list[dict]:
     return [{"name": c, "unit": cfg.channels.units.get(c, "")} for c in channels]
 
@@ -245,16 +259,7 @@ def _from_recordings(cfg: DataConfig, out: Path, meta: dict, progress: bool) -> 
             data, names = derive_channels(rec, cfg.channels, rate)
             if channels is None:
                 channels = names
-                writer = StoreWriter(
-                    out,
-                    cfg.output.format,
-                    channels,
-                    cfg.window.length,
-                    dtype=cfg.output.dtype,
-                    chunk_windows=cfg.output.chunk_windows,
-                    shard_windows=cfg.output.shard_windows,
-                    compression_level=cfg.output.compression_level,
-                )
+                writer = _open_writer(cfg, out, channels)
             elif names != channels:
                 raise DataError(
                     f"recording {ref.file!r} yields channels {names}, earlier ones {channels}; "
@@ -324,16 +329,7 @@ def _from_window_files(cfg: DataConfig, out: Path, meta: dict, progress: bool) -
             f"source.channels names {len(channels)} channels but the window files hold "
             f"{num_channels}; list {num_channels} names or set source.channels=null"
         )
-    writer = StoreWriter(
-        out,
-        cfg.output.format,
-        channels,
-        length,
-        dtype=cfg.output.dtype,
-        chunk_windows=cfg.output.chunk_windows,
-        shard_windows=cfg.output.shard_windows,
-        compression_level=cfg.output.compression_level,
-    )
+    writer = _open_writer(cfg, out, channels)  # length == window.length, checked above
     acc = {s: _SplitAcc() for s in SPLITS}
     stats = RunningStats()
     sources = []
