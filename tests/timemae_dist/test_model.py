@@ -131,7 +131,8 @@ def test_parity_with_eager_transcription(backend, seq_len):
     perm = torch.randperm(L, generator=torch.Generator().manual_seed(3))
     M = cfg.num_masked
     out = model(x, ids_keep=perm[:-M], ids_mask=perm[-M:], generator=torch.Generator().manual_seed(7))
-    gumbel = -torch.empty(4, M, cfg.vocab_size).exponential_(generator=torch.Generator().manual_seed(7)).log()
+    u = torch.rand(4, M, cfg.vocab_size, generator=torch.Generator().manual_seed(7))
+    gumbel = -torch.log(-torch.log(u))
     with torch.no_grad():
         ref = eager_timemae(model, x, perm, gumbel)
     assert torch.equal(out["codewords"], ref["codewords"])
@@ -398,3 +399,53 @@ def test_losses_decrease_on_tiny_synthetic_task():
     assert set(metrics) == {"loss", "loss_mrr", "loss_mcc", "mcc_top1", "mcc_ndcg10"}
     assert all(isinstance(v, float) for v in metrics.values())
     assert 0.0 <= metrics["mcc_top1"] <= metrics["mcc_ndcg10"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# random draws: dropout masks and gumbel noise (distribution tests on many draws)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.2, 0.36, 0.5])
+def test_keep_mask_is_inverted_bernoulli_dropout(p):
+    from timemae_dist.model.layers import keep_mask, keep_threshold
+
+    torch.manual_seed(0)
+    n = 1 << 21
+    mask = keep_mask(torch.empty(n // 64, 8, 8), p)
+    assert mask.shape == (n // 64, 8, 8) and mask.dtype == torch.float32
+    thr = keep_threshold(p)
+    keep = thr / 2**15
+    assert abs(keep - (1 - p)) <= 1.6e-5
+    vals = mask.unique()
+    assert torch.equal(vals, torch.tensor([0.0, 2**15 / thr]))
+    # every one of the four 16-bit pieces of a 64-bit draw keeps with probability `keep`
+    # (5 sigma of a binomial over n/4 elements)
+    kept = (mask.flatten() > 0).view(-1, 4).double().mean(0)
+    sigma = math.sqrt(keep * (1 - keep) / (n / 4))
+    assert (kept - keep).abs().max().item() < 5 * sigma, kept
+    assert abs(mask.double().mean().item() - 1.0) < 5 * sigma / keep
+    # consecutive masks differ (fresh draws), low precision keeps the same values
+    assert not torch.equal(keep_mask(torch.empty(64, 64), p), keep_mask(torch.empty(64, 64), p))
+    half = keep_mask(torch.empty(4096, dtype=torch.bfloat16), p)
+    assert half.dtype == torch.bfloat16 and set(half.float().unique().tolist()) <= {0.0, float(torch.tensor(2**15 / thr).bfloat16())}
+
+
+def test_gumbel_noise_moments_and_sampling():
+    from timemae_dist.model import gumbel_noise
+
+    g = gumbel_noise((1 << 20,), generator=torch.Generator().manual_seed(0)).double()
+    assert torch.isfinite(g).all()
+    # standard Gumbel: mean = Euler-Mascheroni, variance = pi^2 / 6 (5 sigma bounds)
+    n = g.numel()
+    assert abs(g.mean().item() - 0.5772156649) < 5 * math.sqrt(math.pi**2 / 6 / n)
+    assert abs(g.var().item() - math.pi**2 / 6) < 0.02
+    # argmax(logits + gumbel) samples softmax(logits) (the codeword draw of the forward)
+    logits = torch.tensor([1.0, 0.0, -1.0, 2.0])
+    draws = (logits + gumbel_noise((200_000, 4), generator=torch.Generator().manual_seed(1))).argmax(-1)
+    freq = torch.bincount(draws, minlength=4).double() / draws.numel()
+    probs = torch.softmax(logits.double(), 0)
+    assert (freq - probs).abs().max().item() < 5 * math.sqrt(0.25 / draws.numel())
+    # same generator seed -> same noise
+    a = gumbel_noise((8, 3), generator=torch.Generator().manual_seed(5))
+    b = gumbel_noise((8, 3), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)

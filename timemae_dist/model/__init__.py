@@ -5,7 +5,7 @@
 
 from timemae_dist.model.config import EncoderConfig, ModelConfig, TimeMAEConfig
 from timemae_dist.model.objectives import codeword_ndcg, codeword_top1, mcc_loss, mrr_loss, timemae_loss
-from timemae_dist.model.timemae import TimeMAE, build_model, random_masks
+from timemae_dist.model.timemae import TimeMAE, build_model, gumbel_noise, random_masks
 
 __all__ = [
     "TimeMAE",
@@ -14,6 +14,7 @@ __all__ = [
     "EncoderConfig",
     "build_model",
     "random_masks",
+    "gumbel_noise",
     "mrr_loss",
     "mcc_loss",
     "timemae_loss",

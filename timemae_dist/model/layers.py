@@ -14,10 +14,14 @@ Same equations as the official TimeMAE ``model/layers.py``:
 
 CPU speed (same math, same parameters and state-dict keys; see benchmarks/bench_pretrain.py):
 
-* dropout draws a uniform tensor and compares (``rand < keep``), about 3x cheaper on CPU than
-  ``F.dropout``'s ``bernoulli_``; the feed-forward's output dropout and the residual dropout that
-  follows it are two independent Bernoulli(keep) masks, so they are drawn as one
-  Bernoulli(keep1 * keep2) mask scaled by ``1 / (keep1 * keep2)`` (identical distribution);
+* dropout compares 15-bit uniform integers with ``keep * 2**15``: one 64-bit draw of the
+  generator gives four of them, about 2x cheaper on CPU than ``rand < keep`` (itself about 3x
+  cheaper than ``F.dropout``'s ``bernoulli_``). The keep probability is thereby quantised to
+  1/32768 (|error| <= 1.5e-5: 0.8 -> 0.79999) and the mask is scaled by the inverse of the
+  quantised value, so ``E[mask] = 1`` exactly, as inverted dropout requires;
+* the feed-forward's output dropout and the residual dropout that follows it are two
+  independent Bernoulli(keep) masks, so they are drawn as one Bernoulli(keep1 * keep2) mask
+  scaled by ``1 / (keep1 * keep2)`` (identical distribution);
 * ``norm(x + dropout(a * y))`` is one ``addcmul(x, y, a * mask)`` then the LayerNorm;
 * self-attention projects q, k and v with one matmul (weights concatenated on the fly; the
   cross-attention fuses k and v); attention scores are built transposed, ``(B, H, K, Q)``, so
@@ -51,14 +55,26 @@ def init_linear_official(module: nn.Module) -> None:
             nn.init.constant_(module.bias, 0.1)
 
 
-def keep_mask(like: torch.Tensor, p: float) -> torch.Tensor:
-    """Dropout mask ``Bernoulli(1 - p) / (1 - p)`` shaped and typed like ``like`` (no grad).
+_UNIFORM_BITS = 15  # bits of each uniform integer a dropout mask compares (4 per 64-bit draw)
 
-    Uniforms are drawn in float32 (a half-precision uniform would quantise ``1 - p``).
+
+def keep_threshold(p: float) -> int:
+    """``round((1 - p) * 2**15)`` (at least 1): a mask keeps an element when its 15-bit uniform is below it."""
+    return max(1, round((1.0 - p) * (1 << _UNIFORM_BITS)))
+
+
+def keep_mask(like: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout mask ``Bernoulli(k) / k`` shaped and typed like ``like`` (no grad), ``k ~= 1 - p``.
+
+    ``k = keep_threshold(p) / 2**15`` (within 1.5e-5 of ``1 - p``). ``random_()`` on int64 draws
+    uniform integers in ``[0, 2**63)``; each of their four 16-bit pieces, with its top bit
+    cleared, is a uniform 15-bit integer (the draw's top bit, always 0, is one of those cleared).
     """
-    keep = 1.0 - p
-    u = torch.rand(like.shape, device=like.device, dtype=torch.float32)
-    return u.lt_(keep).mul_(1.0 / keep).to(like.dtype)
+    thr = keep_threshold(p)
+    n = like.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device).random_()
+    u = bits.view(torch.int16)[:n].view(like.shape)
+    return u.bitwise_and_((1 << _UNIFORM_BITS) - 1).lt_(thr).to(like.dtype).mul_((1 << _UNIFORM_BITS) / thr)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:

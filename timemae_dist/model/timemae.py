@@ -44,7 +44,7 @@ from timemae_dist.model.config import TimeMAEConfig
 from timemae_dist.model.layers import Regressor, TransformerEncoder, init_linear_official
 from timemae_dist.model.objectives import codeword_ndcg, codeword_top1, timemae_loss
 
-__all__ = ["TimeMAE", "build_model", "random_masks"]
+__all__ = ["TimeMAE", "build_model", "gumbel_noise", "random_masks"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -77,6 +77,17 @@ def random_masks(
         raise ValueError(f"masking must be 'per_sample' or 'per_batch', got {masking!r}")
     num_visible = num_windows - num_masked
     return ids_BL[:, :num_visible].contiguous(), ids_BL[:, num_visible:].contiguous()
+
+
+def gumbel_noise(shape, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard Gumbel noise ``-log(-log(U))``, ``U ~ rand`` (float32).
+
+    About 4x cheaper on CPU than ``-log(Exponential(1))`` via ``exponential_``. ``rand`` can
+    return exactly 0, which gives ``-inf`` (that codeword cannot win the argmax; probability
+    2**-24 per element); its largest value, ``1 - 2**-24``, gives 16.6.
+    """
+    u = torch.rand(shape, device=device, dtype=torch.float32, generator=generator)
+    return u.log_().neg_().log_().neg_()
 
 
 def _gather_eager(emb_BLD, pos_LD, mask_token_D, ids_keep_BV, ids_mask_BM, add_pos: bool):
@@ -320,7 +331,7 @@ class TimeMAE(nn.Module):
         with torch.no_grad():
             emb_BMD = emb_BLD.gather(1, ids_mask.unsqueeze(-1).expand(-1, -1, D))
             tok_BMK = self.tokenizer(emb_BMD).float()
-            gumbel_BMK = -torch.empty_like(tok_BMK).exponential_(generator=generator).log()
+            gumbel_BMK = gumbel_noise(tok_BMK.shape, tok_BMK.device, generator)
             codewords_BM = (tok_BMK + gumbel_BMK).argmax(dim=-1)
 
         visible_BVD, target_in_BMD, queries_BMD = self._masked_inputs(emb_BLD, ids_keep, ids_mask)
