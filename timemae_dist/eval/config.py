@@ -27,8 +27,15 @@ class LinearProbeConfig:
         "(ties: the first in the list)",
     )
     max_iter: int = option(2000, "LBFGS iterations of LogisticRegression")
+    extend_edges: int = option(
+        4,
+        "when val picks the largest (smallest) C of the grid, try up to this many more, each 10x "
+        "larger (smaller), while val accuracy improves; 0 = the grid as given",
+    )
 
     def validate(self) -> None:
+        if self.extend_edges < 0:
+            raise ConfigError("extend_edges", f"must be >= 0, got {self.extend_edges}")
         if not self.C_grid:
             raise ConfigError("C_grid", "list at least one value of C")
         if any(c <= 0 for c in self.C_grid):

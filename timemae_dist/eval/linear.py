@@ -65,23 +65,43 @@ def select_probe(
     y_val: np.ndarray,
     C_grid: Sequence[float],
     max_iter: int = 2000,
+    extend_edges: int = 0,
 ) -> ProbeSelection:
     """Fit one probe per ``C`` on train, keep the best val accuracy (ties: first in ``C_grid``).
 
+    ``extend_edges``: when the best ``C`` is the grid's largest (smallest), also try up to that
+    many values beyond it, each 10x larger (smaller), stopping at the first that does not
+    improve val accuracy; a choice at the edge of a grid means the grid was too narrow.
     Only train and val representations are arguments: the test split cannot influence the choice.
     """
     if len(y_val) == 0:
         raise EvalError("the validation split has no labelled windows; model selection needs them")
     best: ProbeSelection | None = None
     by_c: dict[str, float] = {}
-    for C in C_grid:
+
+    def try_c(C: float) -> bool:
+        """Fit and score one C; True when it is the new best."""
+        nonlocal best
         probe = fit_probe(Z_train, y_train, C, max_iter)
         acc = float(np.mean(probe.predict(np.asarray(Z_val, np.float64)) == y_val))
         by_c[repr(float(C))] = acc
         if best is None or acc > best.val_accuracy:
             n_iter = np.max(probe[-1].n_iter_)
             best = ProbeSelection(float(C), acc, by_c, probe, converged=bool(n_iter < max_iter))
+            return True
+        return False
+
+    for C in C_grid:
+        try_c(C)
     assert best is not None
+    for edge, factor in ((max(C_grid), 10.0), (min(C_grid), 0.1)):
+        if best.C != float(edge) or len(C_grid) < 2:
+            continue
+        C = float(edge)
+        for _ in range(extend_edges):
+            C *= factor
+            if not try_c(C):
+                break
     best.val_accuracy_by_C = by_c
     return best
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from data_pipeline.typedconfig import ConfigError
@@ -52,3 +53,41 @@ def test_yaml_configs_load_and_bad_values_name_the_field():
         load_eval_config(None, ["test_split=val"])
     with pytest.raises(ConfigError, match="did you mean 'C_grid'"):
         load_eval_config(None, ["linear.c_grid=[1.0]"])
+
+
+def _probe_data(seed: int, n: int, noise: float):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    Z = rng.normal(size=(n, 6)) * noise
+    Z[np.arange(n), y] += 1.0
+    return Z, y
+
+
+def test_select_probe_extends_a_grid_whose_edge_wins():
+    from timemae_dist.eval.linear import select_probe
+
+    Z_tr, y_tr = _probe_data(0, 300, 0.7)
+    Z_va, y_va = _probe_data(1, 300, 0.7)
+    # a grid of too-small Cs: val accuracy rises with C up to ~0.1, so the top edge wins
+    tiny = [3e-4, 1e-3]
+    plain = select_probe(Z_tr, y_tr, Z_va, y_va, tiny, extend_edges=0)
+    assert plain.C == 1e-3 and set(plain.val_accuracy_by_C) == {repr(3e-4), repr(1e-3)}
+    ext = select_probe(Z_tr, y_tr, Z_va, y_va, tiny, extend_edges=4)
+    tried = [float(c) for c in ext.val_accuracy_by_C]
+    assert tried[:2] == tiny and len(tried) > 2
+    # each extension is 10x the last, and it stops at the first that does not improve val
+    for a, b in zip(tried[1:], tried[2:]):
+        assert b == pytest.approx(10 * a)
+    accs = [ext.val_accuracy_by_C[repr(c)] for c in tried]
+    assert ext.val_accuracy > plain.val_accuracy and ext.val_accuracy == max(accs)
+    if len(tried) < 2 + 4:
+        assert accs[-1] <= max(accs[:-1])
+    # an interior winner is not extended
+    mid = select_probe(Z_tr, y_tr, Z_va, y_va, [1e-7, 1.0, 1e7], extend_edges=4)
+    if mid.C == 1.0:
+        assert len(mid.val_accuracy_by_C) == 3
+
+
+def test_extend_edges_is_validated():
+    with pytest.raises(ConfigError, match="extend_edges"):
+        load_eval_config(None, ["linear.extend_edges=-1"])
