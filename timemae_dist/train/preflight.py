@@ -53,6 +53,13 @@ def resolve(cfg: PretrainConfig) -> tuple[PretrainConfig, StorePlan]:
         except Exception as e:
             raise PretrainError(f"data.normalize: {e}") from None
     n = store.num_windows(cfg.data.split)
+    if cfg.data.labelled_only:  # the loader reads only these (data_pipeline.loader.select_windows)
+        n = int((store.read_column(cfg.data.split, "label") >= 0).sum())
+        if n == 0:
+            raise PretrainError(
+                f"data.labelled_only: split {cfg.data.split!r} of store {cfg.data.store!r} has no "
+                "labelled windows; set data.labelled_only=false"
+            )
     tr = cfg.trainer
     per_rank = n // tr.num_workers
     batches = per_rank // tr.micro_batch_size if cfg.data.remainder == "drop" else -(-per_rank // tr.micro_batch_size)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from data_pipeline.loader import open_loader
@@ -93,3 +94,22 @@ def test_labelled_only_pretraining_reads_only_labelled_windows(tmp_path):
     labels = torch.cat([b["label"] for b in labelled])
     assert labels.numel() == 128 and bool((labels >= 0).all())
     assert bool((torch.cat([b["label"] for b in everything]) < 0).any())
+
+
+def test_labelled_only_preflight_counts_labelled_windows(tmp_path):
+    """The driver's plan (printed epoch size, step count, batch-fit check) uses the labelled windows."""
+    from timemae_dist.train.errors import PretrainError
+    from timemae_dist.train.preflight import resolve
+
+    from .conftest import write_store
+
+    store = write_store(tmp_path / "half", n_train=256, unlabelled_every=2)
+    base = tiny_overrides(store, tmp_path, "lab", "trainer.micro_batch_size=16")
+    _, plan_all = resolve(load_pretrain_config(TINY_CONFIG, base))
+    _, plan_lab = resolve(load_pretrain_config(TINY_CONFIG, [*base, "data.labelled_only=true"]))
+    assert (plan_all.num_windows, plan_all.batches_per_epoch) == (256, 16)
+    assert (plan_lab.num_windows, plan_lab.batches_per_epoch) == (128, 8)
+    # 128 labelled windows cannot fill a micro-batch of 200 (all 256 windows could)
+    big = [*base, "trainer.micro_batch_size=200", "data.labelled_only=true"]
+    with pytest.raises(PretrainError, match="micro_batch_size"):
+        resolve(load_pretrain_config(TINY_CONFIG, big))
