@@ -31,7 +31,7 @@ while [ "$step" -lt "$STOP_AT" ]; do
   target=$STOP_AT
   if [ "$CHUNK_STEPS" -gt 0 ] && [ $((step + CHUNK_STEPS)) -lt "$STOP_AT" ]; then target=$((step + CHUNK_STEPS)); fi
   echo "== pretrain $RUN: step $step -> $target ($(date -u +%FT%TZ))"
-  # NB: `timemae pretrain --single-process ...` is mis-parsed by the top-level CLI; use the module.
+  # (`timemae pretrain --single-process ...` is the same command)
   /usr/bin/time -f "pretrain chunk wall %e s" $PY -m launch.pretrain --single-process configs/pretrain/har.yaml \
     trainer.cpus_per_worker=$THREADS trainer.stop_after=$target run.name=$RUN run.storage_path=runs \
     run.checkpoint_every=100 run.log_every=20 2>&1 | tee -a "runs/$RUN.log"

@@ -30,7 +30,7 @@ class LinearProbeConfig:
     extend_edges: int = option(
         4,
         "when val picks the largest (smallest) C of the grid, try up to this many more, each 10x "
-        "larger (smaller), while val accuracy improves; 0 = the grid as given",
+        "larger (smaller), while val accuracy improves; 0 (or a grid of one C) = the grid as given",
     )
 
     def validate(self) -> None:

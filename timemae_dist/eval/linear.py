@@ -71,7 +71,8 @@ def select_probe(
 
     ``extend_edges``: when the best ``C`` is the grid's largest (smallest), also try up to that
     many values beyond it, each 10x larger (smaller), stopping at the first that does not
-    improve val accuracy; a choice at the edge of a grid means the grid was too narrow.
+    improve val accuracy; a choice at the edge of a grid means the grid was too narrow. A grid
+    of one ``C`` is a fixed choice and is never extended.
     Only train and val representations are arguments: the test split cannot influence the choice.
     """
     if len(y_val) == 0:

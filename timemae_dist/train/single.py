@@ -76,7 +76,7 @@ def run_single(cfg: PretrainConfig) -> dict[str, Any]:
         writer=writer, save_checkpoint=save, trace_path=trace,
     )
     if latest is not None:
-        load_checkpoint(trainer, latest)
+        trainer.resumed(str(latest), load_checkpoint(trainer, latest))
     try:
         summary = trainer.train()
     finally:

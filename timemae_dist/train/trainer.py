@@ -200,6 +200,12 @@ class Trainer:
         self.momentum = cfg.model.momentum
         self.tokens_per_window = cfg.model.num_windows  # (pos_embed is partitioned under ZeRO-3)
 
+    def resumed(self, checkpoint: str, meta: dict) -> None:
+        """After ``load_checkpoint``: a run that has nothing left to do still reports that
+        checkpoint and its metrics in the summary (instead of no checkpoint and NaN losses)."""
+        self.last_checkpoint = str(checkpoint)
+        self.last_metrics = {k: float(v) for k, v in meta.get("metrics", {}).items()}
+
     # -------------------------------------------------------------------------------------
     # the loop
 

@@ -152,6 +152,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             meta = load_checkpoint(trainer, d)
+        trainer.resumed(ckpt.path, meta)
         if rank == 0:
             console(f"worker group resumed from {ckpt.path} at step {meta['step']}")
     elif rank == 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -51,6 +53,12 @@ def test_single_process_reduces_losses_and_resumes(tiny_store, tmp_path, capsys)
     first = capsys.readouterr().out.splitlines()[0]
     assert "resuming from" in first and "checkpoint_0000060" in first
     assert summary2["steps"] == 64 and summary2["steps_this_run"] == 4
+
+    # Once more: nothing left to do, yet the summary names the run's checkpoint and its losses.
+    summary3 = run_single(more)
+    assert summary3["steps_this_run"] == 0 and summary3["steps"] == 64
+    assert summary3["checkpoint"] == summary2["checkpoint"]
+    assert summary3["final_loss"] == summary2["final_loss"] and math.isfinite(summary3["final_loss"])
 
 
 def test_state_dict_round_trip(tiny_store, tmp_path):
