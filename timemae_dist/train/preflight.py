@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.loader import select_windows
 from data_pipeline.typedconfig import ConfigError
 from timemae_dist.train.config import PretrainConfig
 from timemae_dist.train.errors import PretrainError, open_store_or_fail
@@ -53,8 +54,8 @@ def resolve(cfg: PretrainConfig) -> tuple[PretrainConfig, StorePlan]:
         except Exception as e:
             raise PretrainError(f"data.normalize: {e}") from None
     n = store.num_windows(cfg.data.split)
-    if cfg.data.labelled_only:  # the loader reads only these (data_pipeline.loader.select_windows)
-        n = int((store.read_column(cfg.data.split, "label") >= 0).sum())
+    if cfg.data.labelled_only:  # the windows the loader will read
+        n = len(select_windows(store.read_column(cfg.data.split, "label"), labelled_only=True))
         if n == 0:
             raise PretrainError(
                 f"data.labelled_only: split {cfg.data.split!r} of store {cfg.data.store!r} has no "
