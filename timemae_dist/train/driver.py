@@ -68,8 +68,7 @@ def run_distributed(cfg: PretrainConfig, address: Optional[str] = None) -> dict[
         f"{where}: {tr.num_workers} worker(s) x {tr.cpus_per_worker} CPU{'+1 GPU' if tr.use_gpu else ''}, "
         f"ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision}; global batch {tr.global_batch} = micro "
         f"{tr.micro_batch_size} x accum {tr.grad_accum} x {tr.num_workers} workers; {steps} steps; "
-        f"{plan.num_windows} {'labelled ' if cfg.data.labelled_only else ''}windows in split {cfg.data.split!r} "
-        f"({num_batches} batches/epoch per worker)",
+        f"{plan.describe(cfg.data.split)} ({num_batches} batches/epoch per worker)",
         flush=True,
     )
     from timemae_dist.train.worker import train_loop_per_worker

@@ -23,10 +23,15 @@ __all__ = ["resolve", "check_cluster", "StorePlan"]
 class StorePlan:
     """What the driver learned from the store."""
 
-    num_windows: int
+    num_windows: int  # the windows an epoch reads (the labelled ones with data.labelled_only)
     batches_per_epoch: int
     channels: list[str]
     window: int
+    labelled_only: bool = False
+
+    def describe(self, split: str) -> str:
+        """``"N windows in split 'train'"`` (``"N labelled windows ..."`` with data.labelled_only)."""
+        return f"{self.num_windows} {'labelled ' if self.labelled_only else ''}windows in split {split!r}"
 
 
 def resolve(cfg: PretrainConfig) -> tuple[PretrainConfig, StorePlan]:
@@ -75,7 +80,10 @@ def resolve(cfg: PretrainConfig) -> tuple[PretrainConfig, StorePlan]:
             f"trainer.grad_accum: {tr.grad_accum} micro-batches per step exceed the {tr.epochs * batches} "
             "micro-batches of the run; lower trainer.grad_accum or set trainer.max_steps"
         )
-    return cfg, StorePlan(num_windows=n, batches_per_epoch=batches, channels=list(store.channels), window=T)
+    return cfg, StorePlan(
+        num_windows=n, batches_per_epoch=batches, channels=list(store.channels), window=T,
+        labelled_only=cfg.data.labelled_only,
+    )
 
 
 def check_cluster(cfg: PretrainConfig, resources: dict[str, Any], nodes: list[dict[str, Any]]) -> None:

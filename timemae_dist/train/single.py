@@ -50,9 +50,8 @@ def run_single(cfg: PretrainConfig) -> dict[str, Any]:
     seed_all(rank_seed(cfg.trainer.seed, 0))
     print(
         f"global batch {cfg.trainer.global_batch} = micro {cfg.trainer.micro_batch_size} x accum "
-        f"{cfg.trainer.grad_accum} x 1 worker; {num_steps} steps; {plan.num_windows} "
-        f"{'labelled ' if cfg.data.labelled_only else ''}windows in split {cfg.data.split!r} "
-        f"({loader.num_batches} batches/epoch)",
+        f"{cfg.trainer.grad_accum} x 1 worker; {num_steps} steps; "
+        f"{plan.describe(cfg.data.split)} ({loader.num_batches} batches/epoch)",
         flush=True,
     )
     writer = MetricsWriter(run_dir / "tb", total_steps=num_steps, console=cfg.run.console, hparams=cfg.to_dict())
