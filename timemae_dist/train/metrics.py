@@ -116,8 +116,8 @@ class MetricsWriter:
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
-        if self._start_step is None:
-            self._start_step = step - 1
+        if self._start_step is None:  # the ETA averages from here on (start-up excluded)
+            self._start_step = step
             self._t_start = time.perf_counter()
         if self._writer is not None:
             for tag, value in scalars.items():
@@ -138,11 +138,17 @@ class MetricsWriter:
             console(f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}  "
                     + "  ".join(f"{tag} {value:.4f}" for tag, value in scalars.items()))
 
-    def format_line(self, step: int, s: dict[str, float]) -> str:
-        done = step - (self._start_step or 0)
-        elapsed = time.perf_counter() - self._t_start
+    def eta_seconds(self, step: int, s: dict[str, float]) -> float:
+        """Seconds left: the mean wall time per step since the first logged step (checkpoints and
+        probes included) times the steps left; on the first log line, the window's ``time/step_ms``."""
         left = self.total_steps - step
-        eta = elapsed / max(done, 1) * left if done > 0 else float("nan")
+        done = step - self._start_step if self._start_step is not None else 0
+        if done > 0:
+            return (time.perf_counter() - self._t_start) / done * left
+        return s.get("time/step_ms", math.nan) / 1e3 * left
+
+    def format_line(self, step: int, s: dict[str, float]) -> str:
+        eta = self.eta_seconds(step, s)
         width = len(str(self.total_steps))
         return (
             f"step {step:>{width}}/{self.total_steps}"
