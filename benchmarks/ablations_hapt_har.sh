@@ -7,13 +7,18 @@
 #   bash benchmarks/ablations_hapt_har.sh                       # labelled-only, per-batch, BERT
 #   VARIANTS="har_bert_random" bash benchmarks/ablations_hapt_har.sh
 #   FULL=1 VARIANTS="har_bert_random" bash ...                 # + fine-tune and baselines (section 4b)
+#   FINETUNE=1 VARIANTS="har_seed1 har_seed2" bash ...         # + fine-tune of the pretrained encoder (3a)
+#   THREADS=2 VARIANTS="har_bert_minilm" bash ...              # torch threads per job (default 1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 TM=${TM:-.venv/bin/timemae}
 VARIANTS=${VARIANTS:-"har_labelled_only har_per_batch har_bert_random"}
 FULL=${FULL:-0}
-export OMP_NUM_THREADS=1
+FINETUNE=${FINETUNE:-0}
+THREADS=${THREADS:-1}
+export OMP_NUM_THREADS=$THREADS
+source benchmarks/hapt_har_eval.sh
 [ -f stores/hapt_har/manifest.json ] || $TM data prepare configs/data/hapt_har.yaml
 mkdir -p runs
 
@@ -35,22 +40,18 @@ run_variant() {
   echo "== pretrain $name ($over) $(date -u +%FT%TZ)"
   # shellcheck disable=SC2086
   /usr/bin/time -f "$name pretrain wall %e s" $PY -m launch.pretrain --single-process configs/pretrain/har.yaml \
-    trainer.cpus_per_worker=1 run.name=$name run.storage_path=runs run.checkpoint_every=500 run.log_every=100 \
+    trainer.cpus_per_worker=$THREADS run.name=$name run.storage_path=runs run.checkpoint_every=500 run.log_every=100 \
     $over >> "runs/$name.log" 2>&1
   local ck
   ck=$(ls -d "runs/$name"/checkpoint_* | tail -1)
-  if [ ! -f "runs/eval_$name/results.json" ]; then
-    echo "== linear probe $ck $(date -u +%FT%TZ)"
-    $TM evaluate linear "$ck" --store stores/hapt_har --label-fraction 0.01 0.05 0.1 1.0 --seeds 3 \
-      --out "runs/eval_$name" --json > "runs/eval_$name.log" 2>&1
-  fi
+  echo "== evaluate $ck $(date -u +%FT%TZ)"
+  hapt_har_eval linear "$ck" "runs/eval_$name" "runs/eval_$name.log"
   if [ "$FULL" = 1 ]; then
     local out="runs/eval_${name}_full"
-    [ -f "$out/linear/results.json" ] || $TM evaluate linear "$ck" --store stores/hapt_har \
-      --label-fraction 0.01 0.05 0.1 1.0 --seeds 3 --baselines finetune.min_steps_per_epoch=4 \
-      --out "$out/linear" --plot --json > "${out}_linear.log" 2>&1
-    [ -f "$out/finetune/results.json" ] || $TM evaluate finetune "$ck" --store stores/hapt_har \
-      --label-fraction 0.01 0.05 0.1 1.0 --seeds 3 --out "$out/finetune" --plot --json > "${out}_finetune.log" 2>&1
+    hapt_har_eval linear "$ck" "$out/linear" "${out}_linear.log" --baselines finetune.min_steps_per_epoch=4 --plot
+    hapt_har_eval finetune "$ck" "$out/finetune" "${out}_finetune.log" --plot
+  elif [ "$FINETUNE" = 1 ]; then
+    hapt_har_eval finetune "$ck" "runs/eval_${name}_finetune" "runs/eval_${name}_finetune.log" --plot
   fi
   echo "== done $name $(date -u +%FT%TZ)"
 }

@@ -9,11 +9,14 @@ per model:
 
 * ``cos_target_emb``: mean cosine similarity of ``target`` and ``emb`` per masked window (an
   encoder that starts near the identity keeps it high);
-* ``r2_logits_from_target``: R^2 of the best linear (least-squares, with bias) prediction of the
-  codeword logits ``tokenizer(emb)`` from ``target``, fitted on the first half of the windows and
-  scored on the other half; 1 = fully decodable;
+* ``r2_logits_from_target``: R^2 of a linear read-out (ridge regression on the standardised
+  ``target``, lambda = 1e-3 per sample) of the codeword logits ``tokenizer(emb)``, fitted on the
+  first half of the windows and scored on the other half; 1 = fully decodable;
 * ``logit_std`` (of ``tokenizer(emb)``) against the gumbel noise's std (pi / sqrt(6) = 1.28): how
-  much of the codeword is noise.
+  much of the codeword is noise;
+* ``rep_spread``: RMS distance of the mean-pooled representations (``model.encode``, what the
+  linear probe sees) from their centre, over the centre's norm. Near 0 = collapse: every window
+  gets the same vector (MRR alone is minimised by a constant encoder and its momentum copy).
 
     python benchmarks/codeword_alignment.py [--config configs/pretrain/har.yaml] [--json]
         # native, BERT (random init) and MiniLM-initialised BERT at initialisation
@@ -51,13 +54,22 @@ def alignment(model, x_BCT) -> dict[str, float]:
         emb_BMD = emb_BLD.gather(1, out["ids_mask"].unsqueeze(-1).expand(-1, -1, D))
         logits_NK = model.tokenizer(emb_BMD).reshape(-1, model.config.vocab_size).double()
         target_ND = out["target"].reshape(-1, D).double()
-        design = torch.cat([target_ND, torch.ones(target_ND.shape[0], 1, dtype=torch.float64)], dim=1)
-        half = design.shape[0] // 2  # fit on the first half of the windows, score on the second
-        coef = torch.linalg.lstsq(design[:half], logits_NK[:half]).solution
-        resid = (design[half:] @ coef - logits_NK[half:]).pow(2).sum()
+        half = target_ND.shape[0] // 2  # fit on the first half of the windows, score on the second
+        # standardised columns + a small ridge: well-posed and deterministic even when a few of
+        # the representation's dimensions dwarf the others (pretrained BERT outputs)
+        mu_D, sd_D = target_ND[:half].mean(0), target_ND[:half].std(0).clamp_min(1e-12)
+        z_ND = (target_ND - mu_D) / sd_D
+        y_mean_K = logits_NK[:half].mean(0)
+        gram_DD = z_ND[:half].T @ z_ND[:half] + 1e-3 * half * torch.eye(D, dtype=torch.float64)
+        coef_DK = torch.linalg.solve(gram_DD, z_ND[:half].T @ (logits_NK[:half] - y_mean_K))
+        resid = (z_ND[half:] @ coef_DK + y_mean_K - logits_NK[half:]).pow(2).sum()
         total = (logits_NK[half:] - logits_NK[half:].mean(0)).pow(2).sum()
         cos = torch.nn.functional.cosine_similarity(out["target"], emb_BMD, dim=-1).mean()
+        rep_ND = model.encode(x_BCT).double()  # what the linear probe sees
+        centre_D = rep_ND.mean(0)
+        spread = (rep_ND - centre_D).norm() / (centre_D.norm() * rep_ND.shape[0] ** 0.5)
     return {
+        "rep_spread": float(spread),
         "cos_target_emb": float(cos),
         "r2_logits_from_target": float(1 - resid / total),
         "logit_std": float(logits_NK.std()),
@@ -69,7 +81,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(REPO / "configs" / "pretrain" / "har.yaml"))
     ap.add_argument("--store", default=None, help="default: the config's data.store")
-    ap.add_argument("--checkpoint", default=None, help="measure this trained model instead of the three at init")
+    ap.add_argument("--checkpoint", nargs="+", default=None,
+                    help="measure these trained models (export or training checkpoint folders) instead of the three at init")
     ap.add_argument("--windows", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
@@ -90,7 +103,8 @@ def main() -> None:
 
     rows: dict[str, dict[str, float]] = {}
     if args.checkpoint:
-        rows[args.checkpoint] = alignment(load_encoder(args.checkpoint), x)
+        for ck in args.checkpoint:
+            rows[ck] = alignment(load_encoder(ck), x)
     else:
         variants = {
             "native": [],
@@ -105,7 +119,8 @@ def main() -> None:
     if not args.json:
         for name, r in rows.items():
             print(f"{name:>14}: cos(target, emb) {r['cos_target_emb']:.3f}  R^2 of codeword logits from target "
-                  f"{r['r2_logits_from_target']:.3f}  logit std {r['logit_std']:.2f} (gumbel {r['gumbel_std']:.2f})")
+                  f"{r['r2_logits_from_target']:.3f}  logit std {r['logit_std']:.2f} (gumbel {r['gumbel_std']:.2f})"
+                  f"  representation spread {r['rep_spread']:.2e}")
     print(json.dumps(rows))
 
 

@@ -23,6 +23,7 @@ OUT=${OUT:-runs/eval_${RUN}}
 mkdir -p runs "$OUT"
 export OMP_NUM_THREADS=$THREADS
 
+source benchmarks/hapt_har_eval.sh
 [ -f stores/hapt_har/manifest.json ] || $TM data prepare configs/data/hapt_har.yaml
 
 last_step() { ls -d "runs/$RUN"/checkpoint_* 2>/dev/null | sed 's/.*checkpoint_0*//' | sort -n | tail -1 || true; }
@@ -45,11 +46,9 @@ FT="finetune.epochs=$FT_EPOCHS finetune.patience=$FT_PATIENCE"
 # linear: pretrained + random-init probes + supervised-from-scratch (fine-tuning loop with the
 # configs/eval/finetune.yaml settings, hence min_steps_per_epoch=4); finetune: pretrained only,
 # so the scratch baseline is trained once. Both run in parallel (one thread each).
-[ -f "$OUT/linear/results.json" ] || ( /usr/bin/time -f "linear wall %e s" $TM evaluate linear "$CKPT" \
-    --store stores/hapt_har --label-fraction 0.01 0.05 0.1 1.0 --seeds 3 --baselines \
-    finetune.min_steps_per_epoch=4 $FT --out "$OUT/linear" --plot --json > "$OUT/linear.log" 2>&1 ) &
-[ -f "$OUT/finetune/results.json" ] || ( /usr/bin/time -f "finetune wall %e s" $TM evaluate finetune "$CKPT" \
-    --store stores/hapt_har --label-fraction 0.01 0.05 0.1 1.0 --seeds 3 \
-    $FT --out "$OUT/finetune" --plot --json > "$OUT/finetune.log" 2>&1 ) &
+# shellcheck disable=SC2086
+hapt_har_eval linear "$CKPT" "$OUT/linear" "$OUT/linear.log" --baselines finetune.min_steps_per_epoch=4 $FT --plot &
+# shellcheck disable=SC2086
+hapt_har_eval finetune "$CKPT" "$OUT/finetune" "$OUT/finetune.log" $FT --plot &
 wait
 tail -n 3 "$OUT/linear.log" "$OUT/finetune.log" | grep -v '^{'
