@@ -396,9 +396,30 @@ def test_losses_decrease_on_tiny_synthetic_task():
     assert (last < first).all(), (first, last)
     assert last[0] < 0.8 * first[0]
     metrics = model.pretrain_metrics(out)
-    assert set(metrics) == {"loss", "loss_mrr", "loss_mcc", "mcc_top1", "mcc_ndcg10"}
+    assert set(metrics) == {"loss", "loss_mrr", "loss_mcc", "mcc_top1", "mcc_ndcg10", "repr_spread"}
     assert all(isinstance(v, float) for v in metrics.values())
     assert 0.0 <= metrics["mcc_top1"] <= metrics["mcc_ndcg10"] <= 1.0
+    assert metrics["repr_spread"] > 0.05  # a model that learns has not collapsed
+
+
+def test_representation_spread_detects_collapse():
+    from timemae_dist.model import representation_spread
+    from timemae_dist.train.metrics import COLLAPSE_SPREAD, collapse_warning
+
+    g = torch.Generator().manual_seed(0)
+    centre = torch.randn(16, generator=g) + 3.0
+    healthy = centre + torch.randn(64, 5, 16, generator=g)  # windows differ by O(|centre|)
+    collapsed = centre + 1e-6 * torch.randn(64, 5, 16, generator=g)
+    # per-window means over 5 windows: spread ~ sqrt(16 / 5) / |centre|
+    expect = (16 / 5) ** 0.5 / centre.norm().item()
+    assert abs(representation_spread(healthy).item() - expect) < 0.25 * expect
+    assert representation_spread(collapsed).item() < 1e-5
+    assert representation_spread(centre.expand(8, 5, 16)).item() == 0.0
+    assert collapse_warning(100, 0.7, 0.5, 192) is None
+    assert collapse_warning(100, float("nan"), 0.5, 192) is None
+    w = collapse_warning(1000, 1.2e-5, 0.004, 192)
+    assert w is not None and "step 1000" in w and "collapsed" in w and "at chance" in w
+    assert COLLAPSE_SPREAD > 1.2e-5
 
 
 # ---------------------------------------------------------------------------------------------

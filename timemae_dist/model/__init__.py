@@ -4,7 +4,14 @@
 """
 
 from timemae_dist.model.config import EncoderConfig, ModelConfig, TimeMAEConfig
-from timemae_dist.model.objectives import codeword_ndcg, codeword_top1, mcc_loss, mrr_loss, timemae_loss
+from timemae_dist.model.objectives import (
+    codeword_ndcg,
+    codeword_top1,
+    mcc_loss,
+    mrr_loss,
+    representation_spread,
+    timemae_loss,
+)
 from timemae_dist.model.timemae import TimeMAE, build_model, gumbel_noise, random_masks
 
 __all__ = [
@@ -20,4 +27,5 @@ __all__ = [
     "timemae_loss",
     "codeword_top1",
     "codeword_ndcg",
+    "representation_spread",
 ]

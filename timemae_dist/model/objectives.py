@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mrr_loss", "mcc_loss", "timemae_loss", "codeword_top1", "codeword_ndcg"]
+__all__ = ["mrr_loss", "mcc_loss", "timemae_loss", "codeword_top1", "codeword_ndcg", "representation_spread"]
 
 
 def _no_autocast(t: torch.Tensor):
@@ -74,3 +74,18 @@ def codeword_ndcg(logits_BMK: torch.Tensor, codewords_BM: torch.Tensor, k: int =
     hits_Nk = (top_Nk == codewords_BM.reshape(-1, 1)).float()
     weights_k = 1.0 / torch.log2(torch.arange(2, k + 2, device=scores_NK.device, dtype=torch.float32))
     return (hits_Nk * weights_k).sum(-1).mean()
+
+
+@torch.no_grad()
+def representation_spread(rep_BND: torch.Tensor) -> torch.Tensor:
+    """How far apart the windows' mean-pooled representations are (0-dim float32 tensor).
+
+    ``h_B = mean_N rep_BN``: RMS distance of the ``h_B`` from their centre over the centre's norm.
+    About 1 for a healthy encoder (native TimeMAE at init 1.0, after 100 epochs 0.7); near 0 when
+    the encoder has collapsed to one output for every window (the regression task alone is
+    minimised by a constant encoder and its momentum copy).
+    """
+    h_BD = rep_BND.float().mean(dim=1)
+    centre_D = h_BD.mean(dim=0)
+    rms = (h_BD - centre_D).pow(2).sum(dim=-1).mean().sqrt()
+    return rms / centre_D.norm().clamp_min(torch.finfo(torch.float32).tiny)

@@ -42,7 +42,7 @@ from torch import nn
 from data_pipeline.typedconfig import ConfigError, from_dict, to_dict
 from timemae_dist.model.config import TimeMAEConfig
 from timemae_dist.model.layers import Regressor, TransformerEncoder, init_linear_official
-from timemae_dist.model.objectives import codeword_ndcg, codeword_top1, timemae_loss
+from timemae_dist.model.objectives import codeword_ndcg, codeword_top1, representation_spread, timemae_loss
 
 __all__ = ["TimeMAE", "build_model", "gumbel_noise", "random_masks"]
 
@@ -363,7 +363,8 @@ class TimeMAE(nn.Module):
 
     @staticmethod
     def pretrain_metrics(out: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Host floats for logging: losses, MCC top-1 and NDCG@10 (one device->host sync)."""
+        """Host floats for logging: losses, MCC top-1 and NDCG@10, the spread of the visible
+        windows' representations (``representation_spread``; one device->host sync)."""
         vals = torch.stack(
             [
                 out["loss"].detach().float(),
@@ -371,9 +372,10 @@ class TimeMAE(nn.Module):
                 out["loss_mcc"].detach().float(),
                 codeword_top1(out["logits"], out["codewords"]),
                 codeword_ndcg(out["logits"], out["codewords"], k=10),
+                representation_spread(out["rep_visible"].detach()),
             ]
         ).tolist()  # the one host sync, on logging steps only
-        return dict(zip(("loss", "loss_mrr", "loss_mcc", "mcc_top1", "mcc_ndcg10"), vals))
+        return dict(zip(("loss", "loss_mrr", "loss_mcc", "mcc_top1", "mcc_ndcg10", "repr_spread"), vals))
 
     # ------------------------------------------------------------------------------------
     # downstream

@@ -34,7 +34,7 @@ from torch import nn
 
 from timemae_dist.model import TimeMAE
 from timemae_dist.train.config import PretrainConfig
-from timemae_dist.train.metrics import MetricsWriter, StepClock, memory_metrics
+from timemae_dist.train.metrics import MetricsWriter, StepClock, collapse_warning, memory_metrics
 
 __all__ = ["TrainState", "PlainEngine", "Trainer", "warmup_cosine_ratio", "total_steps"]
 
@@ -187,6 +187,7 @@ class Trainer:
         self.clock = StepClock()
         self.last_metrics: dict[str, float] = {}
         self.last_checkpoint: Optional[str] = None
+        self._warned_collapse = False
         self._trace = open(trace_path, "a") if trace_path is not None else None
         # The encoder the forward uses as target: the master itself in fp32, a low-precision
         # shadow (refreshed after each EMA step) when the engine computes in bf16/fp16.
@@ -357,20 +358,26 @@ class Trainer:
     def log_metrics(self, out: dict[str, torch.Tensor]) -> dict[str, float]:
         m = TimeMAE.pretrain_metrics(out)  # host sync (logging step)
         vals = torch.tensor(
-            [m["loss"], m["loss_mrr"], m["loss_mcc"], m["mcc_top1"], m["mcc_ndcg10"]], device=self.device
+            [m["loss"], m["loss_mrr"], m["loss_mcc"], m["mcc_top1"], m["mcc_ndcg10"], m["repr_spread"]],
+            device=self.device,
         )
         if self.world_size > 1:
             dist.all_reduce(vals)
             vals /= self.world_size
-        total, mrr, mcc, top1, ndcg = vals.tolist()  # host sync (logging step)
+        total, mrr, mcc, top1, ndcg, spread = vals.tolist()  # host sync (logging step)
         scalars = {
             "loss/total": total,
             "loss/mrr": mrr,
             "loss/mcc": mcc,
             "mcc/top1": top1,
             "mcc/ndcg10": ndcg,
+            "repr/spread": spread,
             "optim/lr": float(self.engine.get_lr()[0]),
         }
+        warning = collapse_warning(self.state.step, spread, top1, self.cfg.model.vocab_size)
+        if warning is not None and not self._warned_collapse:
+            self._warned_collapse = True
+            self.writer.summary(warning)
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             scalars["optim/grad_norm"] = float(grad_norm)  # host sync (logging step)
