@@ -50,7 +50,7 @@ def collapse_warning(step: int, spread: float, mcc_top1: float, vocab_size: int)
     mcc = (f"MCC top-1 {mcc_top1:.3f} is at chance ({chance:.3f}), so nothing opposes the collapse"
            if mcc_top1 < 3 * chance else f"MCC top-1 {mcc_top1:.3f}")
     return (f"warning: step {step}: the encoder has collapsed (repr/spread {spread:.1e} < {COLLAPSE_SPREAD:g}: "
-            f"every window gets almost the same representation; {mcc}). Its probes will be near chance; "
+            f"every window gets almost the same representation; {mcc}). Probes of it will be poor; "
             "stop the run and change the encoder init, lr or objective (docs/RESULTS.md, MiniLM)")
 
 
