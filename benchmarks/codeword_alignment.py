@@ -46,6 +46,8 @@ def minilm_folder() -> str:
 def alignment(model, x_BCT) -> dict[str, float]:
     import torch
 
+    from timemae_dist.model import representation_spread
+
     model.eval()
     with torch.no_grad():
         out = model(x_BCT, generator=torch.Generator().manual_seed(0))
@@ -65,9 +67,8 @@ def alignment(model, x_BCT) -> dict[str, float]:
         resid = (z_ND[half:] @ coef_DK + y_mean_K - logits_NK[half:]).pow(2).sum()
         total = (logits_NK[half:] - logits_NK[half:].mean(0)).pow(2).sum()
         cos = torch.nn.functional.cosine_similarity(out["target"], emb_BMD, dim=-1).mean()
-        rep_ND = model.encode(x_BCT).double()  # what the linear probe sees
-        centre_D = rep_ND.mean(0)
-        spread = (rep_ND - centre_D).norm() / (centre_D.norm() * rep_ND.shape[0] ** 0.5)
+        # what the linear probe sees, measured as training logs repr/spread (one "window" per sample)
+        spread = representation_spread(model.encode(x_BCT).unsqueeze(1))
     return {
         "rep_spread": float(spread),
         "cos_target_emb": float(cos),
