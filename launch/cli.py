@@ -5,7 +5,7 @@
     timemae data verify STORE                     check every shard checksum
     timemae pretrain CONFIG [key=value ...]        distributed pretraining (Ray Train + DeepSpeed)
     timemae export CHECKPOINT OUT_DIR              consolidated float32 encoder
-    timemae evaluate linear|finetune|embed ...     linear probe, fine-tuning, t-SNE
+    timemae evaluate linear|finetune|embed|select  linear probe, fine-tuning, t-SNE, checkpoint choice on val
     timemae demo                                   HAPT-HAR: prepare, pretrain, linear probe
 
 Errors a user can cause (config, input files, stores) print one line and exit with status 2;
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in (
         ("pretrain", "pretrain TimeMAE (Ray Train + DeepSpeed, or --single-process)"),
         ("export", "export a checkpoint's encoder"),
-        ("evaluate", "linear probe / fine-tune / t-SNE of an encoder"),
+        ("evaluate", "linear probe / fine-tune / t-SNE of an encoder; choose a checkpoint on val"),
     ):
         sub.add_parser(name, help=help_, add_help=False)  # listed in --help; main() dispatches
     return p

@@ -4,10 +4,14 @@
                               [--baselines] [--out DIR] [--plot] [--json] [--config YAML] [key=value ...]
     timemae evaluate finetune CHECKPOINT_OR_EXPORT --store STORE [same options]
     timemae evaluate embed    CHECKPOINT_OR_EXPORT --store STORE --plot OUT.png [--seed S] [--json]
+    timemae evaluate select   RUN_DIR|CHECKPOINT ... --store STORE [--out DIR] [--json]
 
 CHECKPOINT_OR_EXPORT is a folder written by `timemae export` (config.json + model.safetensors)
 or a training checkpoint folder. Selection (probe C, fine-tuning epoch) uses the val split;
-test is reported once. With --json the last stdout line is one JSON object (accuracy, macro_f1,
+test is reported once. `select` chooses a pretraining checkpoint (every checkpoint of a run
+folder, or those named) by the val accuracy of its linear probe and never reads test;
+`linear`/`finetune` with --select-checkpoint do that first on a run folder, then evaluate the
+chosen checkpoint. With --json the last stdout line is one JSON object (accuracy, macro_f1,
 split="test", selected_on="val", ..., and a `results` list with every run). key=value
 overrides set fields of configs/eval/<command>.yaml (e.g. finetune.epochs=20 device=cpu).
 """
@@ -27,21 +31,31 @@ COMMANDS = {
     "linear": "frozen encoder + StandardScaler/LogisticRegression probe (C selected on val)",
     "finetune": "encoder + head trained end to end (Adam), early stopping and selection on val",
     "embed": "t-SNE map of test representations, pretrained vs random init",
+    "select": "choose a run's pretraining checkpoint by its linear probe's val accuracy (test never read)",
 }
 DEFAULT_CONFIGS = {
     "linear": REPO_ROOT / "configs/eval/linear.yaml",
     "finetune": REPO_ROOT / "configs/eval/finetune.yaml",
     "embed": REPO_ROOT / "configs/eval/linear.yaml",
+    "select": REPO_ROOT / "configs/eval/linear.yaml",
 }
 
 
 def _command_parser(command: str) -> argparse.ArgumentParser:
     sp = argparse.ArgumentParser(prog=f"timemae evaluate {command}", description=COMMANDS[command])
-    sp.add_argument("checkpoint", help="export folder (config.json + model.safetensors) or training checkpoint")
-    sp.add_argument("overrides", nargs="*", help="dotted key=value overrides of the eval config")
+    if command == "select":
+        sp.add_argument("checkpoint", nargs="+",
+                        help="run folder (all its checkpoints), checkpoint folders or export folders; "
+                             "key=value overrides may follow")
+    else:
+        sp.add_argument("checkpoint", help="export folder (config.json + model.safetensors) or training checkpoint")
+        sp.add_argument("overrides", nargs="*", help="dotted key=value overrides of the eval config")
     sp.add_argument("--store", required=True, help="store written by `timemae data prepare` (train/val/test)")
     sp.add_argument("--config", default=None, help="eval YAML (default configs/eval/<command>.yaml)")
     sp.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
+    if command == "select":
+        sp.add_argument("--out", default=None, metavar="DIR", help="write selection.json")
+        return sp
     if command == "embed":
         sp.add_argument("--plot", required=True, metavar="OUT.png", help="where to write the figure")
         sp.add_argument("--seed", type=int, default=None, help="subsample, t-SNE and random-init seed")
@@ -52,6 +66,9 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
     sp.add_argument("--baselines", action="store_true", help="add random-init and supervised-from-scratch")
     sp.add_argument("--out", default=None, metavar="DIR", help="write results.json, results.md (and plots)")
     sp.add_argument("--plot", action="store_true", help="confusion matrix + label-fraction curve PNGs in --out")
+    sp.add_argument("--select-checkpoint", action="store_true",
+                    help="CHECKPOINT is a run folder: evaluate the checkpoint whose linear probe is best on val "
+                         "(`timemae evaluate select`), not the newest")
     return sp
 
 
@@ -65,6 +82,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     sp = _command_parser(argv[0])
     args = sp.parse_intermixed_args(argv[1:])
     args.command = argv[0]
+    if args.command == "select":  # nargs="+" takes the key=value overrides too
+        args.overrides = [a for a in args.checkpoint if "=" in a and not Path(a).exists()]
+        args.checkpoint = [a for a in args.checkpoint if a not in args.overrides]
+        if not args.checkpoint:
+            sp.error("name at least one run, checkpoint or export folder")
     if getattr(args, "label_fraction", None):  # nargs="+" also swallows key=value after it
         args.overrides += [a for a in args.label_fraction if "=" in a]
         try:
@@ -105,12 +127,35 @@ def _run(args: argparse.Namespace) -> int:
             print(json.dumps(info))
         return 0
 
+    if args.command == "select":
+        from timemae_dist.eval.select import select_checkpoint, selection_table, write_selection
+
+        sel = select_checkpoint(args.checkpoint, args.store, cfg)
+        print(selection_table(sel), end="")
+        print(f"selected {sel['checkpoint']} (step {sel['step']}): val accuracy {sel['val_accuracy']:.4f} "
+              f"(C {sel['C']:g}) of {len(sel['candidates'])} candidate(s); test not read")
+        if cfg.out:
+            print(f"wrote {write_selection(sel, cfg.out)}")
+        if args.json:
+            print(json.dumps(sel, separators=(",", ":")))
+        return 0
+
     from timemae_dist.eval.protocol import run_evaluation
     from timemae_dist.eval.report import markdown_table, write_results
 
     if args.plot and not cfg.out:
         raise ConfigError("out", "--plot writes PNGs into the output folder; pass --out DIR (or out=DIR)")
-    results = run_evaluation(args.command, args.checkpoint, args.store, cfg)
+    checkpoint, selection = args.checkpoint, None
+    if args.select_checkpoint:
+        from timemae_dist.eval.select import select_checkpoint
+
+        selection = select_checkpoint([args.checkpoint], args.store, cfg)
+        checkpoint = selection["checkpoint"]
+        print(f"checkpoint selected on val: {checkpoint} (step {selection['step']}, val accuracy "
+              f"{selection['val_accuracy']:.4f} of {len(selection['candidates'])} candidates)")
+    results = run_evaluation(args.command, checkpoint, args.store, cfg)
+    if selection is not None:
+        results["checkpoint_selection"] = selection
     if cfg.out:
         paths = write_results(results, cfg.out, plot=args.plot)
         results["outputs"] = paths

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "find_latest_checkpoint", "rng_state", "set_rng_state", "META"]
+__all__ = ["save_checkpoint", "load_checkpoint", "find_latest_checkpoint", "list_checkpoints", "rng_state", "set_rng_state", "META"]
 
 META = "meta.json"
 ENGINE_DIR = "engine"
@@ -109,14 +109,20 @@ def load_checkpoint(trainer: Any, ckpt_dir: str | Path) -> dict:
     return meta
 
 
-def find_latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
-    """The newest complete ``checkpoint_<step>`` directory of a run (with ``meta.json``), if any."""
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every complete ``checkpoint_<step>`` directory of a run (with ``meta.json``), by step."""
     root = Path(run_dir)
     if not root.is_dir():
-        return None
+        return []
     found = []
     for p in root.iterdir():
         m = _CKPT_RE.match(p.name)
         if m and p.is_dir() and (p / META).is_file():
             found.append((int(m.group(1)), p))
-    return max(found)[1] if found else None
+    return sorted(found)
+
+
+def find_latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    """The newest complete ``checkpoint_<step>`` directory of a run (with ``meta.json``), if any."""
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
