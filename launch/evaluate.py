@@ -133,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
         sel = select_checkpoint(args.checkpoint, args.store, cfg)
         print(selection_table(sel), end="")
         print(f"selected {sel['checkpoint']} (step {sel['step']}): val accuracy {sel['val_accuracy']:.4f} "
-              f"(C {sel['C']:g}) of {len(sel['candidates'])} candidate(s); test not read")
+              f"(C {sel['C']:g}, {sel['multi_class']}) of {len(sel['candidates'])} candidate(s); test not read")
         if cfg.out:
             print(f"wrote {write_selection(sel, cfg.out)}")
         if args.json:

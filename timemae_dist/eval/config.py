@@ -26,6 +26,12 @@ class LinearProbeConfig:
         "inverse regularisation strengths tried; the one with the best val accuracy is kept "
         "(ties: the first in the list)",
     )
+    multi_class: list[str] = option(
+        ["ovr", "multinomial"],
+        "multi-class schemes tried, each with the C grid, the best val accuracy kept (ties: the first "
+        "listed): ovr = one binary LogisticRegression per class (the official TimeMAE probe), "
+        "multinomial = one softmax",
+    )
     max_iter: int = option(2000, "LBFGS iterations of LogisticRegression")
     extend_edges: int = option(
         4,
@@ -42,6 +48,11 @@ class LinearProbeConfig:
             raise ConfigError("C_grid", f"every C must be > 0, got {self.C_grid}")
         if self.max_iter < 1:
             raise ConfigError("max_iter", f"must be >= 1, got {self.max_iter}")
+        bad = [m for m in self.multi_class if m not in ("ovr", "multinomial")]
+        if bad or not self.multi_class or len(set(self.multi_class)) != len(self.multi_class):
+            raise ConfigError(
+                "multi_class", f"list ovr and/or multinomial, each once (got {self.multi_class})"
+            )
 
 
 @dataclass

@@ -146,7 +146,7 @@ def _linear_run(data, feats, cfg, name, model, fraction, seed, device) -> dict:
     sel = select_probe(
         feats.get(key, encoder, "train")[pos], data.y_train[pos],
         feats.get(key, encoder, "val"), data.y_val,
-        cfg.linear.C_grid, cfg.linear.max_iter, cfg.linear.extend_edges,
+        cfg.linear.C_grid, cfg.linear.max_iter, cfg.linear.extend_edges, cfg.linear.multi_class,
     )
     # selection done: now (and only now) the test split is read and scored once
     y_pred = sel.probe.predict(np.asarray(feats.get(key, encoder, "test"), np.float64))

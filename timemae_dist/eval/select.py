@@ -2,7 +2,7 @@
 
 The official TimeMAE code keeps the pretraining checkpoint whose linear probe scores best on
 the *test* set. Here every candidate checkpoint of a run gets the linear-probe protocol on
-**train -> val** only (all labelled train windows, ``C`` chosen on val exactly as
+**train -> val** only (all labelled train windows, ``C`` and the multi-class scheme chosen on val exactly as
 ``timemae evaluate linear`` does), and the one with the best val accuracy is kept (ties: the
 later step, i.e. more pretraining). The test split is never opened: a store without one works.
 
@@ -135,20 +135,23 @@ def select_checkpoint(
                 f"checkpoint {str(c.path)!r} gives non-finite representations (NaN/inf weights?); "
                 "drop it from the candidates"
             )
-        sel = select_probe(z_tr, y_tr, z_va, y_va, cfg.linear.C_grid, cfg.linear.max_iter, cfg.linear.extend_edges)
+        sel = select_probe(z_tr, y_tr, z_va, y_va, cfg.linear.C_grid, cfg.linear.max_iter, cfg.linear.extend_edges,
+                           cfg.linear.multi_class)
         rows.append({
             "checkpoint": str(c.path), "step": c.step, "val_accuracy": sel.val_accuracy, "C": sel.C,
+            "multi_class": sel.multi_class,
             "converged": sel.converged, "seconds": round(time.perf_counter() - t0, 3),
         })
         step = "-" if c.step is None else c.step
         log(f"[evaluate select] {k + 1}/{len(cands)} step {step:>7} val_acc={sel.val_accuracy:.4f} "
-            f"C={sel.C:g} ({rows[-1]['seconds']:.1f}s) {c.path}")
+            f"C={sel.C:g} {sel.multi_class} ({rows[-1]['seconds']:.1f}s) {c.path}")
     chosen = rows[best_candidate(rows)]
     return {
         "checkpoint": chosen["checkpoint"],
         "step": chosen["step"],
         "val_accuracy": chosen["val_accuracy"],
         "C": chosen["C"],
+        "multi_class": chosen["multi_class"],
         "selected_on": cfg.val_split,
         "split": cfg.val_split,
         "protocol": "linear probe on all labelled train windows, C chosen on val",
@@ -156,19 +159,19 @@ def select_checkpoint(
         "candidates": rows,
         "data": {"store": str(st.path), "manifest_sha256": manifest_sha256(st.path),
                  "num_labelled": {cfg.train_split: int(tr_idx.size), cfg.val_split: int(va_idx.size)}},
-        "linear": {"C_grid": list(cfg.linear.C_grid), "max_iter": cfg.linear.max_iter,
-                   "extend_edges": cfg.linear.extend_edges},
+        "linear": {"C_grid": list(cfg.linear.C_grid), "multi_class": list(cfg.linear.multi_class),
+                   "max_iter": cfg.linear.max_iter, "extend_edges": cfg.linear.extend_edges},
         "seconds": round(time.perf_counter() - t_start, 3),
     }
 
 
 def selection_table(sel: dict) -> str:
     """Markdown table: one row per candidate, the chosen one in bold."""
-    lines = ["| checkpoint | step | val acc | C |", "|---|---:|---:|---:|"]
+    lines = ["| checkpoint | step | val acc | C | multi-class |", "|---|---:|---:|---:|---|"]
     for r in sel["candidates"]:
         mark = "**" if r["checkpoint"] == sel["checkpoint"] else ""
         step = "-" if r["step"] is None else r["step"]
-        lines.append(f"| {mark}{Path(r['checkpoint']).name}{mark} | {step} | {mark}{r['val_accuracy']:.4f}{mark} | {r['C']:g} |")
+        lines.append(f"| {mark}{Path(r['checkpoint']).name}{mark} | {step} | {mark}{r['val_accuracy']:.4f}{mark} | {r['C']:g} | {r['multi_class']} |")
     return "\n".join(lines) + "\n"
 
 

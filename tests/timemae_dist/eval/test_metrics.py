@@ -91,3 +91,32 @@ def test_select_probe_extends_a_grid_whose_edge_wins():
 def test_extend_edges_is_validated():
     with pytest.raises(ConfigError, match="extend_edges"):
         load_eval_config(None, ["linear.extend_edges=-1"])
+
+
+def test_select_probe_chooses_the_multi_class_scheme_on_val():
+    from timemae_dist.eval.linear import fit_probe, probe_iterations, select_probe
+
+    Z_tr, y_tr = _probe_data(0, 300, 0.9)
+    Z_va, y_va = _probe_data(1, 300, 0.9)
+    both = select_probe(Z_tr, y_tr, Z_va, y_va, [0.01, 1.0], multi_class=("ovr", "multinomial"))
+    assert set(both.val_accuracy_by_multi_class) == {"ovr", "multinomial"}
+    best_of = {m: max(v.values()) for m, v in both.val_accuracy_by_multi_class.items()}
+    assert both.val_accuracy == max(best_of.values())
+    # ties go to the scheme listed first
+    first = "ovr" if best_of["ovr"] >= best_of["multinomial"] else "multinomial"
+    assert both.multi_class == first
+    assert both.val_accuracy_by_C == both.val_accuracy_by_multi_class[first]
+    for m in ("ovr", "multinomial"):
+        only = select_probe(Z_tr, y_tr, Z_va, y_va, [0.01, 1.0], multi_class=(m,))
+        assert only.multi_class == m and only.val_accuracy == best_of[m]
+    # the two schemes are different models: one-vs-rest fits one binary problem per class
+    ovr, multi = fit_probe(Z_tr, y_tr, 1.0, multi_class="ovr"), fit_probe(Z_tr, y_tr, 1.0, multi_class="multinomial")
+    assert len(ovr[-1].estimators_) == 3 and probe_iterations(ovr) >= 1
+    assert not np.allclose(ovr.predict_proba(Z_va), multi.predict_proba(Z_va))
+    assert both.to_dict()["multi_class"] == both.multi_class
+
+
+def test_multi_class_is_validated():
+    for bad in ("[softmax]", "[]", "[ovr, ovr]"):
+        with pytest.raises(ConfigError, match="multi_class"):
+            load_eval_config(None, [f"linear.multi_class={bad}"])
