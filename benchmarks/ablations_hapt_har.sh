@@ -9,6 +9,8 @@
 #   FULL=1 VARIANTS="har_bert_random" bash ...                 # + fine-tune and baselines (section 4b)
 #   FINETUNE=1 VARIANTS="har_seed1 har_seed2" bash ...         # + fine-tune of the pretrained encoder (3a)
 #   THREADS=2 VARIANTS="har_bert_minilm" bash ...              # torch threads per job (default 1)
+#   SELECT=1 ...                                                # evaluate the checkpoint val selects
+#                                                                 (`timemae evaluate select`), not the last
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -17,6 +19,7 @@ VARIANTS=${VARIANTS:-"har_labelled_only har_per_batch har_bert_random"}
 FULL=${FULL:-0}
 FINETUNE=${FINETUNE:-0}
 THREADS=${THREADS:-1}
+SELECT=${SELECT:-0}
 export OMP_NUM_THREADS=$THREADS
 source benchmarks/hapt_har_eval.sh
 [ -f stores/hapt_har/manifest.json ] || $TM data prepare configs/data/hapt_har.yaml
@@ -40,10 +43,15 @@ run_variant() {
   echo "== pretrain $name ($over) $(date -u +%FT%TZ)"
   # shellcheck disable=SC2086
   /usr/bin/time -f "$name pretrain wall %e s" $PY -m launch.pretrain --single-process configs/pretrain/har.yaml \
-    trainer.cpus_per_worker=$THREADS run.name=$name run.storage_path=runs run.checkpoint_every=500 run.log_every=100 \
-    $over >> "runs/$name.log" 2>&1
+    trainer.cpus_per_worker=$THREADS run.name=$name run.storage_path=runs run.checkpoint_every=500 run.keep_checkpoints=20 \
+    run.log_every=100 $over >> "runs/$name.log" 2>&1
   local ck
   ck=$(ls -d "runs/$name"/checkpoint_* | tail -1)
+  if [ "$SELECT" = 1 ]; then
+    [ -f "runs/eval_$name/select/selection.json" ] || $TM evaluate select "runs/$name" --store stores/hapt_har \
+      --out "runs/eval_$name/select" > "runs/eval_${name}_select.log" 2>&1
+    ck=$($PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["checkpoint"])' "runs/eval_$name/select/selection.json")
+  fi
   echo "== evaluate $ck $(date -u +%FT%TZ)"
   hapt_har_eval linear "$ck" "runs/eval_$name" "runs/eval_$name.log"
   if [ "$FULL" = 1 ]; then

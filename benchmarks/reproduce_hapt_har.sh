@@ -8,6 +8,10 @@
 #   bash benchmarks/reproduce_hapt_har.sh                 # everything, official budget
 #   FT_EPOCHS=20 FT_PATIENCE=10 bash benchmarks/reproduce_hapt_har.sh   # reduced fine-tuning budget (as in RESULTS.md)
 #   STOP_AT=3400 bash benchmarks/...                      # stop pretraining at this step, evaluate that checkpoint
+#   SELECT=0 bash benchmarks/...                          # evaluate the last checkpoint, not the one val selects
+#
+# Pretraining keeps a checkpoint every 500 steps (all 16 of them); `timemae evaluate select` then
+# picks the one whose linear probe is best on val (test never read), and that one is evaluated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -17,6 +21,7 @@ THREADS=${THREADS:-1}
 CHUNK_STEPS=${CHUNK_STEPS:-1000}
 TOTAL_STEPS=7800            # 100 epochs x 78 batches of 128 (10046 train windows, last batch dropped)
 STOP_AT=${STOP_AT:-$TOTAL_STEPS}
+SELECT=${SELECT:-1}
 FT_EPOCHS=${FT_EPOCHS:-100} # official fine-tuning budget (configs/eval/finetune.yaml)
 FT_PATIENCE=${FT_PATIENCE:-10}
 OUT=${OUT:-runs/eval_${RUN}}
@@ -35,11 +40,16 @@ while [ "$step" -lt "$STOP_AT" ]; do
   # (`timemae pretrain --single-process ...` is the same command)
   /usr/bin/time -f "pretrain chunk wall %e s" $PY -m launch.pretrain --single-process configs/pretrain/har.yaml \
     trainer.cpus_per_worker=$THREADS trainer.stop_after=$target run.name=$RUN run.storage_path=runs \
-    run.checkpoint_every=100 run.log_every=20 2>&1 | tee -a "runs/$RUN.log"
+    run.checkpoint_every=500 run.keep_checkpoints=20 run.log_every=20 2>&1 | tee -a "runs/$RUN.log"
   step=$(last_step)
 done
 CKPT=runs/$RUN/$(printf 'checkpoint_%07d' "$STOP_AT")
 [ -d "$CKPT" ] || CKPT=$(ls -d "runs/$RUN"/checkpoint_* | tail -1)
+if [ "$SELECT" = 1 ] && [ "$STOP_AT" = "$TOTAL_STEPS" ]; then
+  [ -f "$OUT/select/selection.json" ] || $TM evaluate select "runs/$RUN" --store stores/hapt_har --out "$OUT/select" \
+    > "$OUT/select.log" 2>&1
+  CKPT=$($PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["checkpoint"])' "$OUT/select/selection.json")
+fi
 echo "== evaluating $CKPT"
 
 FT="finetune.epochs=$FT_EPOCHS finetune.patience=$FT_PATIENCE"
