@@ -27,12 +27,12 @@ from timemae_dist.eval.features import (
     _is_export_dir,
     check_compatible,
     encode_split,
-    labelled_indices,
     load_encoder,
     open_eval_store,
     resolve_device,
 )
 from timemae_dist.eval.linear import select_probe
+from timemae_dist.eval.protocol import EvalData
 from timemae_dist.eval.report import checkpoint_sha256, manifest_sha256
 
 __all__ = ["Candidate", "candidate_checkpoints", "best_candidate", "select_checkpoint", "selection_table", "write_selection"]
@@ -115,14 +115,8 @@ def select_checkpoint(
     cands = candidate_checkpoints(paths)
     st = open_eval_store(store, (cfg.train_split, cfg.val_split))
     device = resolve_device(cfg.device)
-    tr_idx, y_tr = labelled_indices(st, cfg.train_split)
-    va_idx, y_va = labelled_indices(st, cfg.val_split)
-    for split, idx in ((cfg.train_split, tr_idx), (cfg.val_split, va_idx)):
-        if idx.size == 0:
-            raise EvalError(
-                f"split {split!r} of store {str(st.path)!r} has no labelled windows; checkpoint selection "
-                "needs labelled train and val windows"
-            )
+    data = EvalData(st, cfg)  # labelled train/val windows (it reads test only when asked: never here)
+    tr_idx, y_tr, va_idx, y_va = data.train_idx, data.y_train, data.val_idx, data.y_val
     rows = []
     for k, c in enumerate(cands):
         t0 = time.perf_counter()
