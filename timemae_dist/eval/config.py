@@ -14,7 +14,9 @@ from typing import Literal, Optional
 
 from data_pipeline.typedconfig import ConfigError, load_config, option
 
-__all__ = ["LinearProbeConfig", "FinetuneConfig", "EmbedConfig", "EvalConfig", "load_eval_config"]
+MULTI_CLASS = ("ovr", "multinomial")  # the linear probe's multi-class schemes (timemae_dist.eval.linear)
+
+__all__ = ["MULTI_CLASS", "LinearProbeConfig", "FinetuneConfig", "EmbedConfig", "EvalConfig", "load_eval_config"]
 
 
 @dataclass
@@ -48,7 +50,7 @@ class LinearProbeConfig:
             raise ConfigError("C_grid", f"every C must be > 0, got {self.C_grid}")
         if self.max_iter < 1:
             raise ConfigError("max_iter", f"must be >= 1, got {self.max_iter}")
-        bad = [m for m in self.multi_class if m not in ("ovr", "multinomial")]
+        bad = [m for m in self.multi_class if m not in MULTI_CLASS]
         if bad or not self.multi_class or len(set(self.multi_class)) != len(self.multi_class):
             raise ConfigError(
                 "multi_class", f"list ovr and/or multinomial, each once (got {self.multi_class})"

@@ -23,12 +23,10 @@ from sklearn.preprocessing import StandardScaler
 
 from data_pipeline.splits import label_fraction_subset
 from data_pipeline.store import Store
+from timemae_dist.eval.config import MULTI_CLASS
 from timemae_dist.eval.errors import EvalError
 
 __all__ = ["MULTI_CLASS", "ProbeSelection", "fit_probe", "probe_iterations", "select_probe", "linear_probe_val_accuracy"]
-
-
-MULTI_CLASS = ("multinomial", "ovr")
 
 
 def fit_probe(Z: np.ndarray, y: np.ndarray, C: float, max_iter: int = 2000, multi_class: str = "multinomial") -> Pipeline:

@@ -13,7 +13,6 @@ later step, i.e. more pretraining). The test split is never opened: a store with
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from timemae_dist.eval.features import (
     resolve_device,
 )
 from timemae_dist.eval.linear import select_probe
-from timemae_dist.eval.protocol import EvalData
+from timemae_dist.eval.protocol import EvalData, _stderr
 from timemae_dist.eval.report import checkpoint_sha256, manifest_sha256
 
 __all__ = ["Candidate", "candidate_checkpoints", "best_candidate", "select_checkpoint", "selection_table", "write_selection"]
@@ -47,14 +46,11 @@ class Candidate:
 
 
 def _step_of(p: Path) -> int | None:
-    meta = p / "meta.json"
-    if meta.is_file():
-        try:
-            return int(json.loads(meta.read_text())["step"])
-        except (ValueError, KeyError, TypeError):
-            pass
-    name = p.name
-    return int(name.split("_", 1)[1]) if name.startswith("checkpoint_") and name[11:].isdigit() else None
+    """The step in a training checkpoint's meta.json; None for an export folder."""
+    try:
+        return int(json.loads((p / "meta.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def candidate_checkpoints(paths: Sequence[str | Path]) -> list[Candidate]:
@@ -87,10 +83,6 @@ def candidate_checkpoints(paths: Sequence[str | Path]) -> list[Candidate]:
             seen.add(c.path.resolve())
             unique.append(c)
     return unique
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def best_candidate(rows: Sequence[dict]) -> int:
