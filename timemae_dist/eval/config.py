@@ -62,6 +62,10 @@ class FinetuneConfig:
     """Encoder + linear head trained end to end with Adam; early stopping on val."""
 
     lr: float = option(1e-3, "Adam learning rate (official TimeMAE: 1e-3)")
+    lr_grid: list[float] = option(
+        [], "learning rates to try instead of lr, each a full run; the best val accuracy is kept "
+        "(ties: lower val loss, then the first listed); [] = lr alone"
+    )
     weight_decay: float = option(0.0, "Adam L2 weight decay")
     epochs: int = option(100, "maximum number of epochs over the (label-fraction) train windows")
     batch_size: int = option(128, "training batch size (official TimeMAE: 128)")
@@ -75,6 +79,8 @@ class FinetuneConfig:
     def validate(self) -> None:
         if self.lr <= 0:
             raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        if any(lr <= 0 for lr in self.lr_grid) or len(set(self.lr_grid)) != len(self.lr_grid):
+            raise ConfigError("lr_grid", f"list distinct learning rates > 0 (or [] for lr alone), got {self.lr_grid}")
         if self.weight_decay < 0:
             raise ConfigError("weight_decay", f"must be >= 0, got {self.weight_decay}")
         for name in ("epochs", "batch_size", "min_steps_per_epoch"):
@@ -82,6 +88,11 @@ class FinetuneConfig:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.patience < 0:
             raise ConfigError("patience", f"must be >= 0, got {self.patience}")
+
+    @property
+    def lrs(self) -> list[float]:
+        """The learning rates a fine-tuning run tries."""
+        return list(self.lr_grid) or [self.lr]
 
 
 @dataclass

@@ -18,6 +18,7 @@ Results are summarised as mean +- std over seeds per (model, protocol, fraction)
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -158,19 +159,27 @@ def _linear_run(data, feats, cfg, name, model, fraction, seed, device) -> dict:
 def _finetune_run(data, cfg, name, model, fraction, seed, device) -> dict:
     pos = data.subset_positions(fraction, seed)
     K = len(data.classes)
-    if name == "pretrained":
-        clf = build_classifier(model.config, K, pretrained=model, seed=seed).to(device)
-    else:
-        clf = scratch_classifier(model.config, K, seed, device)
-    res = finetune(
-        clf,
-        data.windows("train")[pos], class_index(data.classes, data.y_train[pos]),
-        data.windows("val"), class_index(data.classes, data.y_val),
-        cfg.finetune, seed, eval_batch_size=cfg.batch_size,
-    )
+    best = None
+    by_lr = {}
+    for lr in cfg.finetune.lrs:  # each a full run from the same init; val keeps one
+        if name == "pretrained":
+            clf = build_classifier(model.config, K, pretrained=model, seed=seed).to(device)
+        else:
+            clf = scratch_classifier(model.config, K, seed, device)
+        res = finetune(
+            clf,
+            data.windows("train")[pos], class_index(data.classes, data.y_train[pos]),
+            data.windows("val"), class_index(data.classes, data.y_val),
+            dataclasses.replace(cfg.finetune, lr=lr), seed, eval_batch_size=cfg.batch_size,
+        )
+        by_lr[repr(float(lr))] = res.val_accuracy
+        if best is None or (res.val_accuracy, -res.val_loss) > (best[1].val_accuracy, -best[1].val_loss):
+            best = (clf, res, lr)
+    clf, res, lr = best
+    selection = {**res.to_dict(), "lr": float(lr), "val_accuracy_by_lr": by_lr}
     # selection done: now (and only now) the test split is read and scored once
     y_pred = data.classes[predict(clf, data.test_windows(), cfg.batch_size)]
-    return {"num_train": int(pos.size), "selection": res.to_dict(), "val_accuracy": res.val_accuracy, "y_pred": y_pred}
+    return {"num_train": int(pos.size), "selection": selection, "val_accuracy": res.val_accuracy, "y_pred": y_pred}
 
 
 def summarise(rows: list[dict]) -> list[dict]:

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from data_pipeline.typedconfig import ConfigError
+
 from data_pipeline.splits import label_fraction_subset
 from data_pipeline.store import open_store
 from timemae_dist.eval import linear_probe_val_accuracy
@@ -124,6 +126,25 @@ def test_poisoned_test_split_does_not_change_selection(fixture, poisoned_store, 
     sel = clean["results"][0]["selection"]
     assert sel["best_epoch"] == int(np.argmax([h["val_accuracy"] for h in sel["history"]]))
     assert dirty["accuracy"] != clean["accuracy"]
+
+
+def test_finetune_lr_grid_is_chosen_on_val(fixture, poisoned_store):
+    store, export = fixture
+    base = FAST + ["finetune.epochs=3"]
+    plain = run_evaluation("finetune", export, store, load_eval_config(None, base), log=_quiet)
+    grid = load_eval_config(None, base + ["finetune.lr_grid=[0.01, 0.001]"])
+    both = run_evaluation("finetune", export, store, grid, log=_quiet)
+    sel = both["results"][0]["selection"]
+    assert set(sel["val_accuracy_by_lr"]) == {repr(0.01), repr(0.001)}
+    assert sel["val_accuracy_by_lr"][repr(sel["lr"])] == both["val_accuracy"] == max(sel["val_accuracy_by_lr"].values())
+    # the lr = 0.001 run of the grid is the plain run (same init, same seed): same val accuracy
+    assert sel["val_accuracy_by_lr"][repr(0.001)] == plain["val_accuracy"]
+    assert plain["results"][0]["selection"]["lr"] == 0.001
+    # the choice never looks at test
+    dirty = run_evaluation("finetune", export, poisoned_store, grid, log=_quiet)
+    assert _selection(dirty) == _selection(both)
+    with pytest.raises(ConfigError, match="lr_grid"):
+        load_eval_config(None, ["finetune.lr_grid=[0.001, -1]"])
 
 
 def test_results_files_and_hashes(fixture, linear_results, tmp_path):
