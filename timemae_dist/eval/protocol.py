@@ -159,6 +159,8 @@ def _linear_run(data, feats, cfg, name, model, fraction, seed, device) -> dict:
 def _finetune_run(data, cfg, name, model, fraction, seed, device) -> dict:
     pos = data.subset_positions(fraction, seed)
     K = len(data.classes)
+    x_tr, y_tr = data.windows("train")[pos], class_index(data.classes, data.y_train[pos])
+    x_va, y_va = data.windows("val"), class_index(data.classes, data.y_val)
     best = None
     by_lr = {}
     for lr in cfg.finetune.lrs:  # each a full run from the same init; val keeps one
@@ -167,9 +169,7 @@ def _finetune_run(data, cfg, name, model, fraction, seed, device) -> dict:
         else:
             clf = scratch_classifier(model.config, K, seed, device)
         res = finetune(
-            clf,
-            data.windows("train")[pos], class_index(data.classes, data.y_train[pos]),
-            data.windows("val"), class_index(data.classes, data.y_val),
+            clf, x_tr, y_tr, x_va, y_va,
             dataclasses.replace(cfg.finetune, lr=lr), seed, eval_batch_size=cfg.batch_size,
         )
         by_lr[repr(float(lr))] = res.val_accuracy

@@ -47,8 +47,10 @@ class Candidate:
 
 def _step_of(p: Path) -> int | None:
     """The step in a training checkpoint's meta.json; None for an export folder."""
+    from timemae_dist.train.checkpoint import META
+
     try:
-        return int(json.loads((p / "meta.json").read_text())["step"])
+        return int(json.loads((p / META).read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -140,7 +142,7 @@ def select_checkpoint(
         "multi_class": chosen["multi_class"],
         "selected_on": cfg.val_split,
         "split": cfg.val_split,
-        "protocol": "linear probe on all labelled train windows, C chosen on val",
+        "protocol": "linear probe on all labelled train windows, C and multi-class scheme chosen on val",
         "checkpoint_sha256": checkpoint_sha256(chosen["checkpoint"]),
         "candidates": rows,
         "data": {"store": str(st.path), "manifest_sha256": manifest_sha256(st.path),
