@@ -48,9 +48,7 @@ run_variant() {
   local ck
   ck=$(ls -d "runs/$name"/checkpoint_* | tail -1)
   if [ "$SELECT" = 1 ]; then
-    [ -f "runs/eval_$name/select/selection.json" ] || $TM evaluate select "runs/$name" --store stores/hapt_har \
-      --out "runs/eval_$name/select" > "runs/eval_${name}_select.log" 2>&1
-    ck=$($PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["checkpoint"])' "runs/eval_$name/select/selection.json")
+    ck=$(hapt_har_select "runs/$name" "runs/eval_$name/select" "runs/eval_${name}_select.log")
   fi
   echo "== evaluate $ck $(date -u +%FT%TZ)"
   hapt_har_eval linear "$ck" "runs/eval_$name" "runs/eval_$name.log"

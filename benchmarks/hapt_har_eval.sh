@@ -1,4 +1,4 @@
-# Sourced by reproduce_hapt_har.sh and ablations_hapt_har.sh: the evaluation command of
+# Sourced by reproduce_hapt_har.sh and ablations_hapt_har.sh: the evaluation (and selection) commands of
 # docs/RESULTS.md, one place for both scripts. Needs $TM (the timemae executable).
 #
 #   hapt_har_eval KIND CHECKPOINT OUT LOG [extra evaluate args ...]
@@ -13,4 +13,12 @@ hapt_har_eval() {
   mkdir -p "$(dirname "$log")"
   /usr/bin/time -f "$kind $out wall %e s" "$TM" evaluate "$kind" "$ckpt" --store stores/hapt_har \
     --label-fraction 0.01 0.05 0.1 1.0 --seeds 3 "$@" --out "$out" --json > "$log" 2>&1
+}
+
+# hapt_har_select RUN_DIR OUT LOG: `timemae evaluate select` over the run's checkpoints (val only),
+# OUT/selection.json kept (skipped when it exists); prints the selected checkpoint. Needs $TM, $PY.
+hapt_har_select() {
+  local run=$1 out=$2 log=$3
+  [ -f "$out/selection.json" ] || "$TM" evaluate select "$run" --store stores/hapt_har --out "$out" > "$log" 2>&1
+  "$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["checkpoint"])' "$out/selection.json"
 }

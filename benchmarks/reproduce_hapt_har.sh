@@ -46,9 +46,7 @@ done
 CKPT=runs/$RUN/$(printf 'checkpoint_%07d' "$STOP_AT")
 [ -d "$CKPT" ] || CKPT=$(ls -d "runs/$RUN"/checkpoint_* | tail -1)
 if [ "$SELECT" = 1 ] && [ "$STOP_AT" = "$TOTAL_STEPS" ]; then
-  [ -f "$OUT/select/selection.json" ] || $TM evaluate select "runs/$RUN" --store stores/hapt_har --out "$OUT/select" \
-    > "$OUT/select.log" 2>&1
-  CKPT=$($PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["checkpoint"])' "$OUT/select/selection.json")
+  CKPT=$(hapt_har_select "runs/$RUN" "$OUT/select" "$OUT/select.log")
 fi
 echo "== evaluating $CKPT"
 
