@@ -132,6 +132,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool) and ("on" if value else "off") in allowed:
+            return "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value not in allowed:
             raise ConfigError(
                 key, f"got {value!r}; choose one of {', '.join(repr(a) for a in allowed)}"

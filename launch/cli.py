@@ -180,7 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
 DELEGATED = {"pretrain": "launch.pretrain", "export": "launch.export", "evaluate": "launch.evaluate"}
 
 
+# Subcommands that compute with torch in this process (or start the local Ray it trains on):
+# re-executed once with oneMKL's AVX-512 kernels preloaded on AMD CPUs (timemae_dist/mkl_avx512.py).
+COMPUTE = ("pretrain", "evaluate", "demo")
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] in COMPUTE:
+        from timemae_dist.mkl_avx512 import reexec_with_preload
+
+        code = run_reporting_user_errors(lambda: reexec_with_preload() or 0)  # returns only if not re-executed
+        if code:
+            return code
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
         import importlib

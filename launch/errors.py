@@ -17,9 +17,10 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from data_pipeline.errors import DataError
     from data_pipeline.typedconfig import ConfigError
     from timemae_dist.eval.errors import EvalError
+    from timemae_dist.mkl_avx512 import MklAvx512Error
     from timemae_dist.train.errors import PretrainError
 
-    return (ConfigError, DataError, PretrainError, EvalError, FileNotFoundError)
+    return (ConfigError, DataError, PretrainError, EvalError, MklAvx512Error, FileNotFoundError)
 
 
 def run_reporting_user_errors(run: Callable[[], int]) -> int:

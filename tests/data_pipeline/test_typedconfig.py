@@ -56,6 +56,24 @@ def test_defaults_and_overrides_round_trip(tmp_path: Path) -> None:
     assert from_dict(Outer, to_dict(cfg)) == cfg
 
 
+@dataclass
+class Switch:
+    """A mode whose choices YAML 1.1 reads as booleans when written bare."""
+
+    mode: Literal["auto", "on", "off"] = option("auto", "a switch")
+    other: Literal["x", "y"] = option("x", "no on/off choice")
+
+
+def test_bare_on_off_select_the_on_off_literal(tmp_path: Path) -> None:
+    assert load_config(Switch, None, ["mode=off"]).mode == "off"
+    assert load_config(Switch, None, ["mode=on"]).mode == "on"
+    f = tmp_path / "c.yaml"
+    f.write_text("mode: off\n")
+    assert load_config(Switch, f).mode == "off"
+    with pytest.raises(ConfigError, match="got True; choose one of 'x', 'y'"):
+        load_config(Switch, None, ["other=on"])
+
+
 def test_mutable_defaults_are_not_shared() -> None:
     a, b = Outer(), Outer()
     a.inner.names.append("z")

@@ -73,6 +73,16 @@ def run_distributed(cfg: PretrainConfig, address: Optional[str] = None) -> dict[
     )
     from timemae_dist.train.worker import train_loop_per_worker
 
+    worker_env: dict[str, str] = {}
+    if not tr.use_gpu:
+        from timemae_dist.mkl_avx512 import MklAvx512Error, worker_env as mkl_env
+
+        try:
+            worker_env, note = mkl_env(tr.mkl_avx512)
+        except MklAvx512Error as e:
+            raise PretrainError(f"trainer.mkl_avx512: {e}") from None
+        print(f"workers: {note}", flush=True)
+
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict()},
@@ -86,6 +96,8 @@ def run_distributed(cfg: PretrainConfig, address: Optional[str] = None) -> dict[
             name=cfg.run.name,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            # new worker processes start with these (LD_PRELOAD must be set before a process starts)
+            worker_runtime_env={"env_vars": worker_env} if worker_env else None,
         ),
     )
     summary_file = run_dir / "summary.json"

@@ -113,6 +113,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         device = torch.device("cpu")
         torch.set_num_threads(cfg.trainer.cpus_per_worker)
+        if cfg.trainer.mkl_avx512 != "off":
+            from timemae_dist.mkl_avx512 import describe, status
+
+            st = status()
+            if rank == 0 or (st["applies"] and not st["loaded"]):  # every rank warns if its node lacks it
+                console(f"rank {rank}: {describe()}")
     if not dist.is_initialized():  # Ray sets the group up for world_size > 1 only in some versions
         dist.init_process_group("nccl" if cfg.trainer.use_gpu else "gloo", rank=rank, world_size=world)
 

@@ -112,5 +112,9 @@ def test_ray_job_submit_tiny_run(head_node, tiny_store, tmp_path):
     summary = json.loads([ln for ln in logs.splitlines() if ln.startswith("{")][-1])
     assert summary["steps"] == 4 and Path(summary["checkpoint"]).name == "checkpoint_0000004"
     assert "cluster" in logs  # joined the running cluster instead of starting a local Ray
+    from timemae_dist.mkl_avx512 import support
+
+    if support().applies:  # AMD + AVX-512: the job's workers start with MKL's AVX-512 kernels preloaded
+        assert "rank 0: fp32 GEMM: oneMKL AVX-512 path" in logs, logs[-3000:]
     assert (storage / "job" / "checkpoint_0000004" / "meta.json").is_file()
     assert list((storage / "job" / "tb").glob("events.out.tfevents.*"))
