@@ -197,9 +197,9 @@ def build_shim() -> Path:
     return out
 
 
-def _check_mode(mode: str) -> str:
+def _check_mode(mode: str, name: str = "mkl_avx512") -> str:
     if mode not in MODES:
-        raise MklAvx512Error(f"mkl_avx512: {mode!r} is not one of {'|'.join(MODES)}")
+        raise MklAvx512Error(f"{name}: {mode!r} is not one of {'|'.join(MODES)}")
     return mode
 
 
@@ -252,19 +252,13 @@ def reexec_with_preload() -> None:
     mode = os.environ.get(ENV_MODE, "auto")
     if os.environ.get(_REEXEC_GUARD) or mode == "off":
         return
-    env = preload_env(_check_mode_env(mode), deep=False)
+    env = preload_env(_check_mode(mode, ENV_MODE), deep=False)
     if env is None:
         return
     env[_REEXEC_GUARD] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-
-
-def _check_mode_env(mode: str) -> str:
-    if mode not in MODES:
-        raise MklAvx512Error(f"{ENV_MODE}={mode!r} is not one of {'|'.join(MODES)}")
-    return mode
 
 
 def shim_loaded() -> bool:
@@ -296,9 +290,9 @@ def status() -> dict:
     return {**asdict(sup), "loaded": loaded, "mkl_cpu_code": mkl_cpu_code()}
 
 
-def describe() -> str:
-    """One line for a worker's log: which GEMM path this process runs."""
-    s = status()
+def describe(s: Optional[dict] = None) -> str:
+    """One line for a worker's log: which GEMM path this process runs (``s``: a :func:`status`)."""
+    s = status() if s is None else s
     if s["loaded"]:
         if not s["mkl_cpu_code"]:
             return (

@@ -156,7 +156,7 @@ def test_cli_reexecutes_itself_with_the_override(cache, tmp_path):
     off = run("without", TIMEMAE_MKL_AVX512="off")
     assert off.returncode == 0 and "AVX2 path on an AVX-512 AMD CPU" in off.stdout
     bad = run("bad", TIMEMAE_MKL_AVX512="maybe")
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: TIMEMAE_MKL_AVX512='maybe' is not one of auto|on|off"
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: TIMEMAE_MKL_AVX512: 'maybe' is not one of auto|on|off"
     assert not (tmp_path / "bad").exists()
 
 
