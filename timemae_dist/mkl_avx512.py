@@ -127,8 +127,8 @@ def support(deep: bool = True) -> Support:
     missing = [f for f in _REQUIRED_FLAGS if f not in flags]
     if missing:
         return Support(False, f"AMD CPU without {', '.join(missing)} (MKL's AVX2 path is the right one)")
-    tdir = _torch_dir()
-    if tdir is None or not (tdir / "lib" / "libtorch_cpu.so").is_file():
+    lib = _libtorch_cpu()
+    if lib is None:
         return Support(False, "no PyTorch with libtorch_cpu.so found")
     if not deep:
         return Support(True, "AMD CPU with AVX-512 (PyTorch's MKL not checked yet)")
@@ -136,9 +136,6 @@ def support(deep: bool = True) -> Support:
 
     if not torch.backends.mkl.is_available():
         return Support(False, "this PyTorch is not built with MKL")
-    lib = _libtorch_cpu()
-    if lib is None:
-        return Support(False, "libtorch_cpu.so not found next to torch")
     try:
         ctypes.CDLL(str(lib)).mkl_serv_intel_cpu_true  # noqa: B018 - probe the exported symbol
     except (OSError, AttributeError):
