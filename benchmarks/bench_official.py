@@ -25,7 +25,7 @@ Harness-side shims (the official files are imported as they are):
 * ``main.py``'s ``torch.set_num_threads(12)`` is replaced by ``--threads``.
 
 The official code's console output goes to stderr; with ``--json`` the last stdout line is
-``{"threads": N, "step_ms": ..., "windows_per_s": ...}``.
+``{"threads": N, "step_ms": ..., "windows_per_s": ..., "cpu": {...}}`` (``cpu``: timemae_dist.hostinfo.cpu_info).
 """
 import argparse
 import contextlib
@@ -35,10 +35,13 @@ import sys
 import tempfile
 import time
 import types
-
+from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: the official modules come first
+from timemae_dist.hostinfo import cpu_info  # noqa: E402
 
 
 def parse():
@@ -153,7 +156,7 @@ def main():
     step_ms = elapsed / cli.steps * 1000.0
     tmp.cleanup()
     result = {"threads": cli.threads, "step_ms": round(step_ms, 3),
-              "windows_per_s": round(cli.steps * bs / elapsed, 2)}
+              "windows_per_s": round(cli.steps * bs / elapsed, 2), "cpu": cpu_info()}
     if not cli.json:
         print(f'official TimeMAE pretraining, {"official DataLoader" if cli.loader else "pre-built batches"}, '
               f'batch {bs}, {cli.threads} thread(s): {result["step_ms"]:.1f} ms/step, '

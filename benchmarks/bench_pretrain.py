@@ -24,7 +24,7 @@ AMD CPU with AVX-512, see timemae_dist/mkl_avx512.py); ``--mkl-avx512 off`` meas
 default dispatch (its AVX2 kernels on AMD).
 
 The last line with --json: {"one_worker": windows_per_s, "two_workers": windows_per_s,
-"ratio": ..., "mkl_avx512": mode, "data_wait_fraction": {"one_worker": ..., "two_workers": ...}} plus, with
+"ratio": ..., "mkl_avx512": mode, "cpu": {...} (timemae_dist.hostinfo.cpu_info), "data_wait_fraction": {"one_worker": ..., "two_workers": ...}} plus, with
 --zero-memory, "zero_memory_mb": {"0": MB, "1": MB, "2": MB, "3": MB} (MB = 2**20 bytes).
 """
 
@@ -199,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mkl-avx512", choices=("auto", "on", "off"), default="auto",
                    help="trainer.mkl_avx512 of the runs: oneMKL's AVX-512 kernels on AMD CPUs (default auto)")
     args = p.parse_args(argv)
-    result: dict = {}
+    from timemae_dist.hostinfo import cpu_info, describe_cpu
+
+    print(f"CPU: {describe_cpu()}")
+    result: dict = {"cpu": cpu_info()}
     if not args.no_throughput:
         result.update(_throughput(args))
     if args.zero_memory:

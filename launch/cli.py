@@ -192,7 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         code = run_reporting_user_errors(lambda: reexec_with_preload() or 0)  # returns only if not re-executed
         if code:
             return code
+    own_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "pretrain":
+        from launch.pretrain import main as pretrain_main
+
+        return int(pretrain_main(argv[1:], own_process=own_process) or 0)
     if argv and argv[0] in DELEGATED:
         import importlib
 

@@ -30,18 +30,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, *, own_process: Optional[bool] = None) -> int:
+    """``own_process``: this call is the process's command (default: ``argv is None``), so
+    ``--single-process`` may re-execute it to follow ``trainer.mkl_avx512``."""
     args = build_parser().parse_intermixed_args(argv)  # options may follow key=value overrides
-    return run_reporting_user_errors(lambda: _run(args))
+    own = argv is None if own_process is None else own_process
+    return run_reporting_user_errors(lambda: _run(args, own))
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, own_process: bool = False) -> int:
     from timemae_dist.train.config import load_pretrain_config
 
     cfg = load_pretrain_config(args.config, args.overrides)
     try:
         if args.single_process:
             from timemae_dist.train.single import run_single
+
+            if own_process:  # this process trains: its GEMM path follows trainer.mkl_avx512
+                from timemae_dist.mkl_avx512 import reexec_to_match
+
+                reexec_to_match(cfg.trainer.mkl_avx512)
 
             summary = run_single(cfg)
         else:

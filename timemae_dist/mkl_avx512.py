@@ -45,6 +45,7 @@ from typing import Optional
 
 __all__ = [
     "MODES",
+    "reexec_to_match",
     "MklAvx512Error",
     "Support",
     "support",
@@ -258,6 +259,45 @@ def reexec_with_preload() -> None:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
+_MATCH_GUARD = "TIMEMAE_MKL_AVX512_MATCHED"
+
+
+def reexec_to_match(config_mode: str) -> None:
+    """Make this process's GEMM path match a mode, re-executing it once where it does not.
+
+    For a process that trains itself (``--single-process``): ``$TIMEMAE_MKL_AVX512`` where set,
+    else ``config_mode`` (``trainer.mkl_avx512``). ``auto``/``on`` and the library not loaded:
+    re-execute with it preloaded (``auto`` goes on without it where it cannot be applied; ``on``
+    raises :class:`MklAvx512Error`); ``off`` and loaded (``timemae`` preloads it by default):
+    re-execute without it. Once per command (``$TIMEMAE_MKL_AVX512_MATCHED``); the new process
+    gets the chosen mode in ``$TIMEMAE_MKL_AVX512``.
+    """
+    env_mode = os.environ.get(ENV_MODE)
+    mode = _check_mode(env_mode, ENV_MODE) if env_mode else _check_mode(config_mode, "trainer.mkl_avx512")
+    if os.environ.get(_MATCH_GUARD):
+        return
+    loaded = shim_loaded()
+    if mode == "off":
+        if not loaded:
+            return
+        lib = str(shim_path())
+        parts = [p for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split() if p and p != lib]
+        env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+        if parts:
+            env["LD_PRELOAD"] = " ".join(parts)
+    else:
+        if loaded:
+            return
+        env = preload_env(mode)
+        if env is None:
+            return
+    env[ENV_MODE] = mode
+    env[_MATCH_GUARD] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
 def shim_loaded() -> bool:
     """Is the preload library mapped into this process (global symbol scope)?"""
     try:
@@ -299,8 +339,8 @@ def describe(s: Optional[dict] = None) -> str:
         return f"fp32 GEMM: oneMKL AVX-512 path (MKL CPU code {s['mkl_cpu_code']}, AMD override loaded)"
     if s["applies"]:
         return (
-            "fp32 GEMM: oneMKL AVX2 path on an AVX-512 AMD CPU (about half speed): the AMD override is not loaded "
-            "in this process; `python -m timemae_dist.mkl_avx512` says why and how"
+            "fp32 GEMM: oneMKL AVX2 path on an AVX-512 AMD CPU (slower: GEMMs ~2x on Zen 5, ~1.1-1.3x on Zen 4): "
+            "the AMD override is not loaded in this process; `python -m timemae_dist.mkl_avx512` says why and how"
         )
     return f"fp32 GEMM: oneMKL default dispatch ({s['reason']})"
 

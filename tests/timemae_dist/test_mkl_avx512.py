@@ -145,9 +145,10 @@ def test_cli_reexecutes_itself_with_the_override(cache, tmp_path):
     assert timemae, "the timemae console script is installed next to this python"
     base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", mk.ENV_MODE, "TIMEMAE_MKL_AVX512_REEXEC")}
 
-    def run(name: str, **extra: str) -> subprocess.CompletedProcess:
-        cmd = [timemae, "pretrain", "--single-process", str(REPO / "configs/pretrain/tiny.yaml"), f"data.store={store}",
-               f"run.storage_path={tmp_path}", f"run.name={name}", "trainer.max_steps=1", "trainer.micro_batch_size=8"]
+    def run(name: str, *over: str, entry: tuple[str, ...] = (timemae, "pretrain"), **extra: str):
+        cmd = [*entry, "--single-process", str(REPO / "configs/pretrain/tiny.yaml"), f"data.store={store}",
+               f"run.storage_path={tmp_path}", f"run.name={name}", "trainer.max_steps=1", "trainer.micro_batch_size=8",
+               *over]
         return subprocess.run(cmd, cwd=REPO, env={**base, **extra}, capture_output=True, text=True, timeout=300)
 
     on = run("with")
@@ -158,6 +159,17 @@ def test_cli_reexecutes_itself_with_the_override(cache, tmp_path):
     bad = run("bad", TIMEMAE_MKL_AVX512="maybe")
     assert bad.returncode == 2 and bad.stderr.strip() == "error: TIMEMAE_MKL_AVX512: 'maybe' is not one of auto|on|off"
     assert not (tmp_path / "bad").exists()
+    # the config key decides for a process that trains itself: `timemae` preloads by default, off takes it out ...
+    cfg_off = run("cfg_off", "trainer.mkl_avx512=off")
+    assert cfg_off.returncode == 0, cfg_off.stderr[-2000:]
+    assert "AVX2 path on an AVX-512 AMD CPU" in cfg_off.stdout and "AVX-512 path (MKL" not in cfg_off.stdout
+    # ... and `python -m launch.pretrain --single-process` (no CLI re-exec) gets it from auto
+    module = run("module", entry=(sys.executable, "-m", "launch.pretrain"))
+    assert module.returncode == 0, module.stderr[-2000:]
+    assert "fp32 GEMM: oneMKL AVX-512 path (MKL CPU code" in module.stdout
+    assert json.loads(module.stdout.splitlines()[-1])["steps"] == 1
+    module_off = run("module_off", "trainer.mkl_avx512=off", entry=(sys.executable, "-m", "launch.pretrain"))
+    assert module_off.returncode == 0 and "AVX2 path on an AVX-512 AMD CPU" in module_off.stdout
 
 
 def test_status_module_prints_json():

@@ -42,10 +42,9 @@ def run_single(cfg: PretrainConfig) -> dict[str, Any]:
     )
     torch.set_num_threads(cfg.trainer.cpus_per_worker)
     device = torch.device("cpu")
-    if cfg.trainer.mkl_avx512 != "off":
-        from timemae_dist.mkl_avx512 import describe
+    from timemae_dist.mkl_avx512 import describe
 
-        print(describe(), flush=True)  # this process: `timemae` re-executes itself with it (TIMEMAE_MKL_AVX512)
+    print(describe(), flush=True)  # which fp32 GEMM path this process runs
     model = build_model(cfg)
     target = model.detach_target_encoder()
     loader = build_loader(cfg, 0, 1)
