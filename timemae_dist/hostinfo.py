@@ -16,7 +16,7 @@ import platform
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["cpu_info", "amd_uarch", "describe_cpu"]
+__all__ = ["cpu_info", "cpuinfo_fields", "amd_uarch", "describe_cpu"]
 
 
 def amd_uarch(family: int, model: int) -> Optional[str]:
@@ -37,8 +37,14 @@ def amd_uarch(family: int, model: int) -> Optional[str]:
     return None
 
 
-def _cpuinfo_first(text: str) -> dict[str, str]:
-    """The key/value pairs of the first processor block of /proc/cpuinfo."""
+def cpuinfo_fields(text: Optional[str] = None) -> dict[str, str]:
+    """The key/value pairs of the first processor block of /proc/cpuinfo (``text``: its contents;
+    read from the machine when None, ``{}`` where it cannot be read)."""
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return {}
     out: dict[str, str] = {}
     for line in text.splitlines():
         if not line.strip():
@@ -56,12 +62,7 @@ def cpu_info(cpuinfo_text: Optional[str] = None) -> dict:
     ``cpuinfo_text``: /proc/cpuinfo's text (read from the machine when None; tests pass their own).
     Fields that cannot be read are None (non-Linux, or a cpuinfo without them).
     """
-    if cpuinfo_text is None:
-        try:
-            cpuinfo_text = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo_text = ""
-    info = _cpuinfo_first(cpuinfo_text)
+    info = cpuinfo_fields(cpuinfo_text)
 
     def _int(key: str) -> Optional[int]:
         try:

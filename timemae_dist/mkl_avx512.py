@@ -84,21 +84,11 @@ class Support:
 
 
 def _cpuinfo() -> tuple[str, set[str]]:
-    vendor, flags = "", set()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return vendor, flags
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "vendor_id" and not vendor:
-            vendor = value.strip()
-        elif key == "flags" and not flags:
-            flags = set(value.split())
-        if vendor and flags:
-            break
-    return vendor, flags
+    """The first CPU's vendor and flags (``""`` / empty where /proc/cpuinfo cannot be read)."""
+    from timemae_dist.hostinfo import cpuinfo_fields
+
+    info = cpuinfo_fields()
+    return info.get("vendor_id", ""), set(info.get("flags", "").split())
 
 
 def _libtorch_cpu() -> Optional[Path]:
@@ -254,6 +244,11 @@ def reexec_with_preload() -> None:
     if env is None:
         return
     env[_REEXEC_GUARD] = "1"
+    _reexec(env)
+
+
+def _reexec(env: dict[str, str]) -> None:
+    """Replace this process by the same command line with ``env`` (output flushed first)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
@@ -293,9 +288,7 @@ def reexec_to_match(config_mode: str) -> None:
             return
     env[ENV_MODE] = mode
     env[_MATCH_GUARD] = "1"
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    _reexec(env)
 
 
 def shim_loaded() -> bool:
