@@ -210,11 +210,15 @@ def worker_env(mode: str, deep: bool = True) -> tuple[dict[str, str], str]:
         if mode == "on":
             raise
         return {}, f"fp32 GEMM: oneMKL AVX2 path on this AMD CPU ({e})"
-    current = os.environ.get("LD_PRELOAD", "")
-    parts = [p for p in current.replace(":", " ").split() if p]
+    parts = _preload_parts()
     if str(lib) not in parts:
         parts.insert(0, str(lib))
     return {"LD_PRELOAD": " ".join(parts)}, f"fp32 GEMM: oneMKL AVX-512 path on this AMD CPU ({lib.name} preloaded)"
+
+
+def _preload_parts() -> list[str]:
+    """``$LD_PRELOAD``'s entries (the loader accepts spaces and colons between them)."""
+    return os.environ.get("LD_PRELOAD", "").replace(":", " ").split()
 
 
 def preload_env(mode: str, deep: bool = True) -> Optional[dict[str, str]]:
@@ -276,7 +280,7 @@ def reexec_to_match(config_mode: str) -> None:
         if not loaded:
             return
         lib = str(shim_path())
-        parts = [p for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split() if p and p != lib]
+        parts = [p for p in _preload_parts() if p != lib]
         env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
         if parts:
             env["LD_PRELOAD"] = " ".join(parts)
@@ -332,7 +336,7 @@ def describe(s: Optional[dict] = None) -> str:
         return f"fp32 GEMM: oneMKL AVX-512 path (MKL CPU code {s['mkl_cpu_code']}, AMD override loaded)"
     if s["applies"]:
         return (
-            "fp32 GEMM: oneMKL AVX2 path on an AVX-512 AMD CPU (slower: GEMMs ~2x on Zen 5, ~1.1-1.3x on Zen 4): "
+            "fp32 GEMM: oneMKL AVX2 path on an AVX-512 AMD CPU (slower: GEMMs ~2x on Zen 5, ~1.0-1.4x on Zen 4): "
             "the AMD override is not loaded in this process; `python -m timemae_dist.mkl_avx512` says why and how"
         )
     return f"fp32 GEMM: oneMKL default dispatch ({s['reason']})"
