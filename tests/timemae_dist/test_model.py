@@ -426,9 +426,12 @@ def test_representation_spread_detects_collapse():
 # random draws: dropout masks and gumbel noise (distribution tests on many draws)
 
 
+@pytest.mark.parametrize("path", ["on", "off"])  # the C kernel (kernels/cpu_dropout.py) and the eager mask
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.36, 0.5])
-def test_keep_mask_is_inverted_bernoulli_dropout(p):
+def test_keep_mask_is_inverted_bernoulli_dropout(p, path, monkeypatch):
     from timemae_dist.model.layers import keep_mask, keep_threshold
+
+    monkeypatch.setenv("TIMEMAE_CPU_DROPOUT", path)
 
     torch.manual_seed(0)
     n = 1 << 21
