@@ -1,6 +1,6 @@
 """Fused masking kernel vs the official eager way: forward+backward time and peak memory.
 
-    python benchmarks/bench_kernels.py [--json] [--shapes har,large] [--iters-large 3]
+    python benchmarks/bench_kernels.py [--json] [--shapes har,large] [--iters-large 3] [--dropout]
 
 Mask gather, forward + backward, at the HAR shape (B=128, L=16, D=64) and a large shape
 (B=1024, L=512, D=768), mask ratio 0.6 (M = int(0.6 * L)), per-sample masking, float32:
@@ -20,6 +20,10 @@ that private API is missing we fall back to the process's resident-set high-wate
 (``mallopt(M_MMAP_THRESHOLD, 64 KiB)`` so freed blocks leave RSS at once, reset ``VmHWM``
 via ``/proc/self/clear_refs``, read ``VmHWM - VmRSS``; Linux + glibc, ~1 MB resolution),
 else n/a. Timing never runs under the profiler.
+
+``--dropout`` (CPU) adds the dropout-mask kernel (timemae_dist/kernels/cpu_dropout.py) against
+the eager mask (``random_`` + threshold + scale, :func:`timemae_dist.model.layers.keep_mask` with
+``TIMEMAE_CPU_DROPOUT=off``) at TimeMAE's activation shapes, p = 0.2: median of 2,000 calls.
 
 Prints which path ran, one table, and with ``--json`` a last line JSON object of the figures.
 The large CPU case needs ~12 GB of RAM (inputs + the unfused path's 7 GB peak) and takes
@@ -189,6 +193,40 @@ def mask_gather_case(shape, device, dtype, fused: bool):
 # ---------------------------------------------------------------------------------- main
 
 
+def dropout_mask_rows(iters: int = 2000) -> list[dict]:
+    """Eager vs C-kernel dropout masks (CPU, float32) at the encoder's activation shapes."""
+    from timemae_dist.kernels import cpu_dropout
+    from timemae_dist.model.layers import keep_mask
+
+    rows = []
+    saved = os.environ.get("TIMEMAE_CPU_DROPOUT")
+    try:
+        for shape in ((1152, 64), (1152, 256)):  # (B * visible windows, d_model) and the FFN hidden
+            x = torch.empty(shape)
+            res = {}
+            for impl, mode in (("eager", "off"), ("c_kernel", "on")):
+                os.environ["TIMEMAE_CPU_DROPOUT"] = mode
+                if mode == "on":
+                    cpu_dropout.available("on")  # build/load outside the timing
+                for _ in range(50):
+                    keep_mask(x, 0.2)
+                ts = []
+                for _ in range(iters):
+                    t0 = time.perf_counter()
+                    keep_mask(x, 0.2)
+                    ts.append(time.perf_counter() - t0)
+                res[impl] = statistics.median(ts) * 1e6
+                rows.append({"op": "dropout_mask", "shape": list(shape), "impl": impl,
+                             "time_us": round(res[impl], 1), "iters": iters})
+            rows[-1]["speedup"] = round(res["eager"] / res["c_kernel"], 2)
+    finally:
+        if saved is None:
+            os.environ.pop("TIMEMAE_CPU_DROPOUT", None)
+        else:
+            os.environ["TIMEMAE_CPU_DROPOUT"] = saved
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print a last line JSON object of the figures")
@@ -196,6 +234,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iters-har", type=int, default=200, help="timed iterations at the HAR shape")
     ap.add_argument("--iters-large", type=int, default=None, help="timed iterations at the large shape "
                     "(default 20 on CUDA, 3 on CPU)")
+    ap.add_argument("--dropout", action="store_true", help="also time CPU dropout masks: eager vs the C kernel")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -239,10 +278,17 @@ def main(argv=None) -> int:
               f"{r['time_ms']:>12.3f}{peak:>10}{sp:>9}{mx:>7}")
     print("speedup = unfused time / fused time; mem x = unfused peak / fused peak (higher is better); "
           f"peak memory: {mem_method}")
+    drop_rows = []
+    if args.dropout:
+        drop_rows = dropout_mask_rows()
+        print(f"\n{'dropout mask (p 0.2, float32, CPU)':<36}{'impl':<10}{'us/call':>9}{'speedup':>9}")
+        for r in drop_rows:
+            sp = f"{r['speedup']:.2f}" if "speedup" in r else ""
+            print(f"{'x'.join(map(str, r['shape'])):<36}{r['impl']:<10}{r['time_us']:>9.1f}{sp:>9}")
     if args.json:
         print(json.dumps({"device": device.type, "path": path, "dtype": "float32",
                           "mask_ratio": MASK_RATIO,
-                          "peak_memory_method": mem_method, "results": rows}))
+                          "peak_memory_method": mem_method, "results": rows + drop_rows}))
     return 0
 
 

@@ -38,7 +38,10 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["CpuDropoutError", "MODES", "mode", "available", "keep_mask_f32", "library_path", "build"]
+__all__ = [
+    "CpuDropoutError", "MODES", "mode", "effective_mode", "available", "describe", "keep_mask_f32",
+    "library_path", "build",
+]
 
 MODES = ("auto", "on", "off")
 _ENV = "TIMEMAE_CPU_DROPOUT"
@@ -90,6 +93,27 @@ def mode() -> str:
     if m not in MODES:
         raise CpuDropoutError(f"{_ENV}={m!r} is not one of {'|'.join(MODES)}")
     return m
+
+
+def effective_mode(configured: str) -> str:
+    """The mode a run uses: ``$TIMEMAE_CPU_DROPOUT`` where set, else ``configured``
+    (``trainer.cpu_dropout``). Raises :class:`CpuDropoutError` naming a bad value."""
+    if os.environ.get(_ENV, "").strip():
+        return mode()
+    m = str(configured).strip().lower()
+    if m not in MODES:
+        raise CpuDropoutError(f"trainer.cpu_dropout={configured!r} is not one of {'|'.join(MODES)}")
+    return m
+
+
+def describe() -> str:
+    """One line for logs: which dropout-mask path this process runs, and why."""
+    m = mode()
+    if m == "off":
+        return f"dropout masks: eager torch ops ({_ENV}=off)"
+    if available():
+        return f"dropout masks: C kernel ({library_path().name}, {_ENV}={m})"
+    return f"dropout masks: eager torch ops (C kernel unavailable: {_WHY})"
 
 
 def library_path() -> Path:
@@ -148,9 +172,10 @@ def _load() -> Optional[Callable]:
         return _FN
 
 
-def available() -> bool:
-    """Whether the kernel is in use under the current ``TIMEMAE_CPU_DROPOUT`` (builds it if needed)."""
-    m = mode()
+def available(m: Optional[str] = None) -> bool:
+    """Whether the kernel is in use under mode ``m`` (default: the current ``TIMEMAE_CPU_DROPOUT``);
+    builds it if needed. Under ``on`` an unavailable kernel raises :class:`CpuDropoutError`."""
+    m = mode() if m is None else m
     if m == "off":
         return False
     fn = _load()

@@ -72,6 +72,12 @@ class TrainerSection:
         "CPU workers on AMD CPUs with AVX-512: run oneMKL's AVX-512 GEMM kernels (about 2x faster fp32 GEMM; "
         "see timemae_dist/mkl_avx512.py); auto = where it applies, on = error where it cannot",
     )
+    cpu_dropout: Literal["auto", "on", "off"] = option(
+        "auto",
+        "CPU dropout masks from a one-pass C kernel (about 8x cheaper than torch's; see "
+        "timemae_dist/kernels/cpu_dropout.py); auto = where it builds, on = error where it cannot, "
+        "off = torch's eager ops; $TIMEMAE_CPU_DROPOUT, where set, wins",
+    )
 
     def validate(self) -> None:
         for name in ("num_workers", "cpus_per_worker", "micro_batch_size", "grad_accum", "epochs"):

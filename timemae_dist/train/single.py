@@ -13,6 +13,7 @@ import torch
 from timemae_dist.train.build import build_loader, build_model, rank_seed, seed_all
 from timemae_dist.train.checkpoint import checkpoint_name, find_latest_checkpoint, load_checkpoint, save_checkpoint
 from timemae_dist.train.config import PretrainConfig
+from timemae_dist.train.errors import PretrainError
 from timemae_dist.train.metrics import MetricsWriter
 from timemae_dist.train.preflight import resolve
 from timemae_dist.train.trainer import PlainEngine, Trainer, total_steps
@@ -28,6 +29,18 @@ def _prune(run_dir: Path, keep: int) -> None:
 
 def run_single(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretrain in this process; returns the summary (steps, windows_per_s, final_loss, checkpoint)."""
+    # trainer.cpu_dropout applies for this run only: $TIMEMAE_CPU_DROPOUT is restored afterwards
+    saved = os.environ.get("TIMEMAE_CPU_DROPOUT")
+    try:
+        return _run_single(cfg)
+    finally:
+        if saved is None:
+            os.environ.pop("TIMEMAE_CPU_DROPOUT", None)
+        else:
+            os.environ["TIMEMAE_CPU_DROPOUT"] = saved
+
+
+def _run_single(cfg: PretrainConfig) -> dict[str, Any]:
     if cfg.trainer.num_workers != 1:
         print(f"single-process: ignoring trainer.num_workers={cfg.trainer.num_workers} (one process)")
         cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, num_workers=1, global_batch_size=None))
@@ -45,6 +58,13 @@ def run_single(cfg: PretrainConfig) -> dict[str, Any]:
     from timemae_dist.mkl_avx512 import describe
 
     print(describe(), flush=True)  # which fp32 GEMM path this process runs
+    from timemae_dist.kernels import cpu_dropout
+
+    try:
+        os.environ["TIMEMAE_CPU_DROPOUT"] = cpu_dropout.effective_mode(cfg.trainer.cpu_dropout)
+        print(cpu_dropout.describe(), flush=True)  # which dropout-mask path
+    except cpu_dropout.CpuDropoutError as e:
+        raise PretrainError(f"trainer.cpu_dropout: {e}; set trainer.cpu_dropout=auto (eager fallback) or off") from None
     model = build_model(cfg)
     target = model.detach_target_encoder()
     loader = build_loader(cfg, 0, 1)

@@ -119,6 +119,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             st = status()
             if rank == 0 or (st["applies"] and not st["loaded"]):  # every rank warns if its node lacks it
                 console(f"rank {rank}: {describe(st)}")
+        from timemae_dist.kernels import cpu_dropout
+
+        if rank == 0:
+            console(f"rank {rank}: {cpu_dropout.describe()}")
     if not dist.is_initialized():  # Ray sets the group up for world_size > 1 only in some versions
         dist.init_process_group("nccl" if cfg.trainer.use_gpu else "gloo", rank=rank, world_size=world)
 

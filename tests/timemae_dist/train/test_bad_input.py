@@ -60,3 +60,27 @@ def test_too_many_workers_fails_fast(ray_local, tiny_store, tmp_path):
     assert "trainer.num_workers" in msg and "Ray cluster resources: CPU=2" in msg and "\n" not in msg
     assert time.perf_counter() - t0 < 30
     assert not (tmp_path / "big" / "pids").exists()  # no worker ever started
+
+
+def test_cpu_dropout_on_without_a_compiler_fails_before_ray(tiny_store, tmp_path):
+    """trainer.cpu_dropout=on where the kernel cannot be built: one line naming the option and the
+    fix, before Ray starts (no run directory)."""
+    import os
+    import subprocess
+    import sys
+
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    env = {**os.environ, "PATH": str(empty), "TIMEMAE_CACHE_DIR": str(tmp_path / "cache")}
+    for var in ("CC", "TIMEMAE_CPU_DROPOUT", "RAY_ADDRESS"):
+        env.pop(var, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.pretrain", str(TINY_CONFIG),
+         *tiny_overrides(tiny_store, tmp_path, "nocc", "trainer.cpu_dropout=on")],
+        env=env, capture_output=True, text=True, timeout=120, cwd=str(TINY_CONFIG.parents[2]),
+    )
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, proc.stdout[-2000:] + err[-2000:]
+    assert len(err.splitlines()) == 1, err
+    assert "trainer.cpu_dropout" in err and "no C compiler" in err and "trainer.cpu_dropout=auto" in err, err
+    assert not (tmp_path / "nocc").exists()

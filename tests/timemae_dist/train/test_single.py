@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -121,3 +122,26 @@ def test_labelled_only_preflight_counts_labelled_windows(tmp_path):
     big = [*base, "trainer.micro_batch_size=200", "data.labelled_only=true"]
     with pytest.raises(PretrainError, match="micro_batch_size"):
         resolve(load_pretrain_config(TINY_CONFIG, big))
+
+
+def test_cpu_dropout_option_switches_the_mask_path_for_the_run(tiny_store, tmp_path, capsys, monkeypatch):
+    """trainer.cpu_dropout picks the C mask kernel or torch's eager masks for this run only; the
+    same seed gives the same run on the same path, and the two paths draw different masks."""
+    monkeypatch.delenv("TIMEMAE_CPU_DROPOUT", raising=False)
+    losses = {}
+    for name, mode in (("kernel1", "on"), ("eager", "off"), ("kernel2", "on")):
+        over = tiny_overrides(tiny_store, tmp_path, name, "trainer.max_steps=3", "run.checkpoint_every=0",
+                              "run.eval_every=0", f"trainer.cpu_dropout={mode}")
+        losses[name] = run_single(load_pretrain_config(TINY_CONFIG, over))["final_loss"]
+        out = capsys.readouterr().out
+        want = "dropout masks: C kernel" if mode == "on" else "dropout masks: eager torch ops"
+        assert want in out, out
+        assert "TIMEMAE_CPU_DROPOUT" not in os.environ  # restored after the run
+    assert losses["kernel1"] == losses["kernel2"] and math.isfinite(losses["kernel1"])
+    assert losses["kernel1"] != losses["eager"]
+    # the environment variable, where set, wins over the config
+    monkeypatch.setenv("TIMEMAE_CPU_DROPOUT", "off")
+    over = tiny_overrides(tiny_store, tmp_path, "env", "trainer.max_steps=3", "run.checkpoint_every=0",
+                          "run.eval_every=0", "trainer.cpu_dropout=on")
+    assert run_single(load_pretrain_config(TINY_CONFIG, over))["final_loss"] == losses["eager"]
+    assert "eager torch ops" in capsys.readouterr().out and os.environ["TIMEMAE_CPU_DROPOUT"] == "off"
