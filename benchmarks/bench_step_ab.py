@@ -1,4 +1,5 @@
-"""A/B of one pretraining step in ONE process: dropout masks from the C kernel vs torch's eager ops.
+"""A/B of the pretraining step: dropout masks (C kernel vs eager, in one process) or malloc
+(glibc malloc on transparent huge pages vs its defaults, in alternated processes).
 
 Whole-run benchmarks (bench_pretrain.py) on a shared 2-core VM vary by 10-20 % from one run to
 the next, more than many single optimisations gain. This one builds the official-size model on
@@ -8,14 +9,25 @@ update, as `timemae pretrain --single-process` runs it) and alternates the two a
 ms/step of each arm's blocks and, since the machine's speed drifts within a run, the median over
 rounds of the paired ratio eager / c_kernel (``speedup``).
 
-    python benchmarks/bench_step_ab.py [--store stores/hapt_har] [--threads 2] [--rounds 10]
-        [--block 15] [--json]
+    python benchmarks/bench_step_ab.py [--ab dropout|malloc] [--store stores/hapt_har] [--threads 2]
+        [--rounds 10] [--block 15] [--json]
+
+``--ab malloc`` measures an idea that did not pay off: a step allocates and frees a few hundred
+activation tensors, and with glibc's defaults the heap shrinks after a step and regrows in the next
+(~2,000 minor page faults per step). ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (transparent huge
+pages for malloc's memory, glibc >= 2.35) plus a 32 MiB mmap and 512 MiB trim threshold remove the
+faults, but not step time. glibc reads the tunables only when a process starts, so each round runs
+two fresh child processes, one with them and one without (the order alternating), each timing ``--block`` x 3 steps after 5 warm-up steps and counting its
+minor page faults over them; the result is the median over rounds of the paired ratio
+default / huge-pages (``speedup``).
 
 Run it as `timemae`'s own processes run (oneMKL's AVX-512 kernels on AMD CPUs):
 ``LD_PRELOAD=$(python -m timemae_dist.mkl_avx512 --build | tail -1) python benchmarks/bench_step_ab.py``
 or without the shim for MKL's default dispatch; the JSON records which (``gemm``).
 Last line with --json: {"c_kernel_ms": ..., "eager_ms": ..., "speedup": ..., "ratios": [...], "windows_per_s":
-{"c_kernel": ..., "eager": ...}, "cpu": {...}, "gemm": "..."}.
+{"c_kernel": ..., "eager": ...}, "cpu": {...}, "gemm": "..."}; with --ab malloc {"thp_ms": ...,
+"default_ms": ..., "speedup": ..., "ratios": [...], "faults_per_step": {"thp": ..., "default": ...},
+"cpu": {...}, "gemm": "..."}.
 """
 
 from __future__ import annotations
@@ -31,22 +43,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=536870912"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--store", default=str(REPO / "stores" / "hapt_har"))
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--block", type=int, default=15)
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
-
+def _setup(args):
+    """The official-size model, its plain engine and ``block`` batches of the store."""
     import torch
 
-    from timemae_dist.hostinfo import cpu_info, describe_cpu
-    from timemae_dist.kernels import cpu_dropout
-    from timemae_dist.mkl_avx512 import describe
     from timemae_dist.model import TimeMAE
     from timemae_dist.train.build import build_loader, build_model
     from timemae_dist.train.config import load_pretrain_config
@@ -54,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     from timemae_dist.train.trainer import PlainEngine
 
     torch.set_num_threads(args.threads)
-    cpu_dropout.available("on")  # build/load before timing; fails clearly where it cannot
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_pretrain_config(REPO / "configs" / "pretrain" / "har.yaml",
                                    [f"data.store={args.store}", f"run.storage_path={tmp}", "run.name=ab"])
@@ -74,6 +76,91 @@ def main(argv: list[str] | None = None) -> int:
         engine.step()
         with torch.no_grad():
             TimeMAE.momentum_update_(target, online, momentum)
+
+    return cfg, batches, step
+
+
+def _child(args) -> int:
+    """One process of the malloc A/B: 5 warm-up steps, then 3 x block timed steps."""
+    import resource
+
+    _cfg, batches, step = _setup(args)
+    for x in batches[:5]:
+        step(x)
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t0 = time.perf_counter()
+    for _ in range(3):
+        for x in batches:
+            step(x)
+    n = 3 * len(batches)
+    ms = (time.perf_counter() - t0) / n * 1e3
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / n
+    print(json.dumps({"ms": ms, "faults_per_step": faults}))
+    return 0
+
+
+def _malloc_ab(args) -> int:
+    import subprocess
+
+    from timemae_dist.hostinfo import cpu_info, describe_cpu
+    from timemae_dist.mkl_avx512 import describe
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    mode = thp.read_text().strip() if thp.is_file() else "unavailable"
+    if sys.platform != "linux" or "[never]" in mode or mode == "unavailable":
+        raise SystemExit(f"bench_step_ab --ab malloc: needs Linux with transparent huge pages (THP: {mode})")
+    base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    envs = {"thp": {**base, "GLIBC_TUNABLES": TUNABLES}, "default": base}
+    note = f"GLIBC_TUNABLES={TUNABLES} (THP {mode})"
+    cmd = [sys.executable, __file__, "--child", "--store", args.store, "--threads", str(args.threads),
+           "--block", str(args.block)]
+    ms: dict[str, list[float]] = {a: [] for a in envs}
+    faults: dict[str, list[float]] = {a: [] for a in envs}
+    for r in range(args.rounds):
+        for a in (("thp", "default") if r % 2 == 0 else ("default", "thp")):
+            proc = subprocess.run(cmd, env=envs[a], capture_output=True, text=True, timeout=900)
+            if proc.returncode != 0:
+                raise SystemExit(f"bench_step_ab child ({a}) failed: {proc.stderr[-2000:]}")
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            ms[a].append(res["ms"])
+            faults[a].append(res["faults_per_step"])
+    ratios = [d / t for d, t in zip(ms["default"], ms["thp"])]
+    speedup = statistics.median(ratios)
+    med = {a: statistics.median(v) for a, v in ms.items()}
+    fps = {a: statistics.median(v) for a, v in faults.items()}
+    print(f"CPU: {describe_cpu()}; {describe()}; torch threads {args.threads}; {note}")
+    print(f"{'arm':<10}{'median ms/step':>16}{'faults/step':>13}  processes (ms/step)")
+    for a in envs:
+        print(f"{a:<10}{med[a]:>16.1f}{fps[a]:>13,.0f}  {' '.join(f'{v:.1f}' for v in ms[a])}")
+    print(f"default / thp per round: median {speedup:.3f} (range {min(ratios):.3f}-{max(ratios):.3f}; "
+          f"{args.rounds} rounds, {3 * args.block} timed steps per process)")
+    if args.json:
+        print(json.dumps({"thp_ms": med["thp"], "default_ms": med["default"], "speedup": speedup, "ratios": ratios,
+                          "faults_per_step": fps, "processes_ms": ms, "cpu": cpu_info(), "gemm": describe()}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ab", choices=("dropout", "malloc"), default="dropout")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--store", default=str(REPO / "stores" / "hapt_har"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--block", type=int, default=15)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if args.child:
+        return _child(args)
+    if args.ab == "malloc":
+        return _malloc_ab(args)
+
+    from timemae_dist.hostinfo import cpu_info, describe_cpu
+    from timemae_dist.kernels import cpu_dropout
+    from timemae_dist.mkl_avx512 import describe
+
+    cpu_dropout.available("on")  # build/load before timing; fails clearly where it cannot
+    cfg, batches, step = _setup(args)
 
     arms = {"c_kernel": "on", "eager": "off"}
     saved = os.environ.get("TIMEMAE_CPU_DROPOUT")

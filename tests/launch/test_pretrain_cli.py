@@ -62,3 +62,32 @@ def test_export_bad_path(tmp_path, capsys):
 
     assert export_main([str(tmp_path / "nothing"), str(tmp_path / "out")]) == 2
     assert "CHECKPOINT" in capsys.readouterr().err
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    import os
+
+    drop = ("TIMEMAE_CPU_DROPOUT", "TIMEMAE_MKL_AVX512", "LD_PRELOAD",
+            "TIMEMAE_MKL_AVX512_REEXEC", "TIMEMAE_MKL_AVX512_MATCHED", "RAY_ADDRESS")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
+
+
+def test_embedded_ray_workers_follow_the_off_switches(store, tmp_path):
+    """`timemae pretrain` re-executes its driver with the GEMM shim preloaded; with the options off,
+    the workers of its embedded Ray (which inherit the driver's environment) must run without it
+    and with torch's eager dropout masks."""
+    import shutil
+
+    from timemae_dist import mkl_avx512
+
+    timemae = shutil.which("timemae", path=str(Path(sys.executable).parent))
+    cmd = [timemae, "pretrain", str(TINY), f"data.store={store}", f"run.storage_path={tmp_path}", "run.name=offs",
+           "trainer.max_steps=2", "trainer.micro_batch_size=8", "trainer.mkl_avx512=off",
+           "trainer.cpu_dropout=off", "run.checkpoint_every=0"]
+    out = subprocess.run(cmd, cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    logs = out.stdout + out.stderr
+    assert "rank 0: dropout masks: eager torch ops (TIMEMAE_CPU_DROPOUT=off)" in logs, logs[-3000:]
+    if mkl_avx512.support().applies:
+        assert "rank 0: fp32 GEMM: oneMKL AVX2 path on an AVX-512 AMD CPU" in logs, logs[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["steps"] == 2

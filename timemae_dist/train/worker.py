@@ -113,12 +113,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         device = torch.device("cpu")
         torch.set_num_threads(cfg.trainer.cpus_per_worker)
-        if cfg.trainer.mkl_avx512 != "off":
-            from timemae_dist.mkl_avx512 import describe, status
+        from timemae_dist.mkl_avx512 import describe, status
 
-            st = status()
-            if rank == 0 or (st["applies"] and not st["loaded"]):  # every rank warns if its node lacks it
-                console(f"rank {rank}: {describe(st)}")
+        st = status()
+        # rank 0 says which GEMM path it runs; every rank warns if its node lacks the shim it should have
+        if rank == 0 or (cfg.trainer.mkl_avx512 != "off" and st["applies"] and not st["loaded"]):
+            console(f"rank {rank}: {describe(st)}")
         from timemae_dist.kernels import cpu_dropout
 
         if rank == 0:
