@@ -30,6 +30,7 @@ __all__ = [
     "to_dict",
     "apply_overrides",
     "config_fields",
+    "render_config",
 ]
 
 
@@ -221,6 +222,29 @@ def to_dict(cfg: Any) -> Any:
     if isinstance(cfg, dict):
         return {k: to_dict(v) for k, v in cfg.items()}
     return cfg
+
+
+def render_config(cfg: Any, _indent: int = 0) -> str:
+    """A config dataclass as commented YAML: every key with its value, and a comment with its
+    type and help text. The output loads back to the same config (``yaml.safe_load`` +
+    :func:`from_dict`); ``--print-config`` of the CLI prints it."""
+    pad = "  " * _indent
+    lines = []
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        help_ = f.metadata.get("help", "")
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            lines.append(f"{pad}{f.name}:" + (f"  # {help_}" if help_ else ""))
+            lines.append(render_config(value, _indent + 1))
+            continue
+        dumped = yaml.safe_dump(to_dict(value), default_flow_style=True, width=10_000, sort_keys=False).strip()
+        if dumped.endswith("\n..."):
+            dumped = dumped[: -len("\n...")]
+        dumped = dumped.removesuffix("...").strip()
+        comment = f"({_type_name(hints[f.name])})" + (f" {help_}" if help_ else "")
+        lines.append(f"{pad}{f.name}: {dumped}  # {comment}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------

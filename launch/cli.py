@@ -34,6 +34,11 @@ def _data_prepare(args: argparse.Namespace, argv: list[str]) -> int:
     from data_pipeline.prepare import prepare, summary_table
 
     cfg = load_data_config(args.config, args.overrides)
+    if args.print_config:
+        from data_pipeline.typedconfig import render_config
+
+        print(render_config(cfg))
+        return 0
     result = prepare(cfg, command=_command_line(argv), progress=not args.no_progress)
     if result.up_to_date:
         print(f"store {result.path} is up to date with this config (nothing to do)")
@@ -149,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("config", help="YAML data config (e.g. configs/data/hapt_har.yaml)")
     prep.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     prep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prep.add_argument("--print-config", action="store_true",
+                      help="print the resolved config (every key, its type and help) as YAML and exit")
     prep.set_defaults(func=_data_prepare)
     ins = dsub.add_parser("inspect", help="summarise a store")
     ins.add_argument("store")

@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--single-process", action="store_true", help="plain PyTorch loop in this process, no Ray/DeepSpeed")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (every key, its type and help) as YAML and exit; nothing runs")
     return p
 
 
@@ -42,6 +44,11 @@ def _run(args: argparse.Namespace, own_process: bool = False) -> int:
     from timemae_dist.train.config import load_pretrain_config
 
     cfg = load_pretrain_config(args.config, args.overrides)
+    if args.print_config:
+        from data_pipeline.typedconfig import render_config
+
+        print(render_config(cfg))
+        return 0
     try:
         if args.single_process:
             from timemae_dist.train.single import run_single
