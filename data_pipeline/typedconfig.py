@@ -251,8 +251,48 @@ def render_config(cfg: Any, _indent: int = 0) -> str:
 # YAML + overrides
 
 
-def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
-    """Apply dotted ``a.b.c=value`` overrides (values parsed as YAML) to a nested mapping."""
+def _field_type(cls: Any, parts: list[str]) -> Any:
+    """The annotation at a dotted path of config dataclass ``cls`` (None if there is none)."""
+    tp = cls
+    for part in parts:
+        if typing.get_origin(tp) in (Union, types.UnionType):  # Optional[SomeConfig]
+            inner = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = inner[0] if len(inner) == 1 else None
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            return None
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def _text_valued(tp: Any) -> tuple[bool, bool]:
+    """(the type takes text only: str / Literal of strings, optionally null; null allowed)."""
+    if tp is None:
+        return False, False
+    args = [tp]
+    nullable = False
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        nullable = len(args) < len(typing.get_args(tp))
+    if len(args) != 1:
+        return False, nullable
+    a = args[0]
+    if a is str:
+        return True, nullable
+    if typing.get_origin(a) is Literal and all(isinstance(v, str) for v in typing.get_args(a)):
+        return True, nullable
+    return False, nullable
+
+
+def apply_overrides(data: dict, overrides: typing.Iterable[str], cls: Any = None) -> dict:
+    """Apply dotted ``a.b.c=value`` overrides (values parsed as YAML) to a nested mapping.
+
+    With the config class ``cls``, a key whose type takes only text (``str``, a ``Literal`` of
+    strings) gets the text as written, so ``run.name=off`` or ``run.name=2026-12-03`` stay
+    strings instead of YAML's boolean / date (quote it, ``key='x'``, to force YAML; ``null``
+    still means null where the type allows it)."""
     data = dict(data)
     for item in overrides:
         if "=" not in item:
@@ -261,11 +301,16 @@ def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
         key = key.strip()
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(key, "an override key must be dotted names like output.path")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() != "" else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(key, f"value {raw!r} is not valid YAML ({e.__class__.__name__})") from None
         parts = key.split(".")
+        text_only, nullable = _text_valued(_field_type(cls, parts)) if cls is not None else (False, False)
+        text = raw.strip()
+        if text_only and not text.startswith(("'", '"')) and not (nullable and text in ("null", "~", "")):
+            value = text
+        else:
+            try:
+                value = yaml.safe_load(raw) if text != "" else ""
+            except yaml.YAMLError as e:
+                raise ConfigError(key, f"value {raw!r} is not valid YAML ({e.__class__.__name__})") from None
         node = data
         for depth, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -302,5 +347,5 @@ def load_config(
 ) -> T:
     """YAML file (optional) + dotted overrides -> validated config dataclass ``cls``."""
     data = read_yaml(path) if path is not None else {}
-    data = apply_overrides(data, overrides)
+    data = apply_overrides(data, overrides, cls)
     return from_dict(cls, data)

@@ -70,8 +70,11 @@ def test_bare_on_off_select_the_on_off_literal(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("mode: off\n")
     assert load_config(Switch, f).mode == "off"
-    with pytest.raises(ConfigError, match="got True; choose one of 'x', 'y'"):
+    with pytest.raises(ConfigError, match="got 'on'; choose one of 'x', 'y'"):  # the override's text, as written
         load_config(Switch, None, ["other=on"])
+    f.write_text("other: on\n")
+    with pytest.raises(ConfigError, match="got True; choose one of 'x', 'y'"):  # a YAML file is YAML
+        load_config(Switch, f)
 
 
 def test_mutable_defaults_are_not_shared() -> None:
@@ -189,3 +192,24 @@ def test_render_config_round_trips_every_shipped_config() -> None:
         assert len(lines) == count(cfg) and all("  # " in ln for ln in lines), cls
     text = render_config(load_pretrain_config(REPO / "configs" / "pretrain" / "har.yaml", ["data.store=s"]))
     assert "  micro_batch_size: 128  # (int) windows per worker per forward/backward" in text.splitlines()
+
+
+def test_text_keys_take_overrides_as_written() -> None:
+    """With the config class, a str / Literal-of-str key keeps the override's text (YAML would make
+    `off` a boolean and `2026-12-03` a date); quoting forces YAML; null stays null where allowed;
+    other types are still YAML-typed and checked."""
+    from timemae_dist.train.config import load_pretrain_config
+
+    cfg = load_pretrain_config(None, ["data.store=2026", "run.name=off", "trainer.cpu_dropout=off",
+                                      "model.encoder.pretrained=null", "run.storage_path=2026-12-03"])
+    assert cfg.data.store == "2026" and cfg.run.name == "off" and cfg.trainer.cpu_dropout == "off"
+    assert cfg.model.encoder.pretrained is None and cfg.run.storage_path == "2026-12-03"
+    assert load_pretrain_config(None, ["data.store=s", "run.name='yes'"]).run.name == "yes"
+    with pytest.raises(ConfigError) as info:
+        load_pretrain_config(None, ["data.store=s", "trainer.num_workers=two"])
+    assert info.value.key == "trainer.num_workers"
+    with pytest.raises(ConfigError) as info:
+        load_pretrain_config(None, ["data.store=s", "trainer.cpu_dropout=sometimes"])
+    assert info.value.key == "trainer.cpu_dropout"
+    cfg = load_data_config(None, ["source.kind=hapt_package", "name=2026", "output.path=on"])
+    assert cfg.name == "2026" and cfg.output.path == "on"

@@ -223,7 +223,7 @@ def load_pretrain_config(
     fills them from the store before anything is built.
     """
     raw = read_yaml(path) if path is not None else {}
-    raw = apply_overrides(raw, overrides)
+    raw = apply_overrides(raw, overrides, PretrainConfig)
     cfg = from_dict(PretrainConfig, raw)
     if cfg.run.name is None:
         cfg.run.name = "pretrain-" + _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
