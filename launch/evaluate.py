@@ -50,14 +50,16 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
     else:
         sp.add_argument("checkpoint", help="export folder (config.json + model.safetensors) or training checkpoint")
         sp.add_argument("overrides", nargs="*", help="dotted key=value overrides of the eval config")
-    sp.add_argument("--store", required=True, help="store written by `timemae data prepare` (train/val/test)")
+    sp.add_argument("--store", default=None, help="store written by `timemae data prepare` (train/val/test); required")
     sp.add_argument("--config", default=None, help="eval YAML (default configs/eval/<command>.yaml)")
+    sp.add_argument("--print-config", action="store_true",
+                    help="print the resolved eval config (every key, its type and help) as YAML and exit")
     sp.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
     if command == "select":
         sp.add_argument("--out", default=None, metavar="DIR", help="write selection.json")
         return sp
     if command == "embed":
-        sp.add_argument("--plot", required=True, metavar="OUT.png", help="where to write the figure")
+        sp.add_argument("--plot", default=None, metavar="OUT.png", help="where to write the figure; required")
         sp.add_argument("--seed", type=int, default=None, help="subsample, t-SNE and random-init seed")
         return sp
     sp.add_argument("--label-fraction", nargs="+", default=None, metavar="F",
@@ -82,6 +84,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     sp = _command_parser(argv[0])
     args = sp.parse_intermixed_args(argv[1:])
     args.command = argv[0]
+    if not args.print_config:  # required unless only the config is printed
+        missing = [flag for flag, value in (("--store", args.store), ("--plot", getattr(args, "plot", "")))
+                   if value is None]
+        if missing:
+            sp.error(f"the following arguments are required: {', '.join(missing)}")
     if args.command == "select":  # nargs="+" takes the key=value overrides too
         args.overrides = [a for a in args.checkpoint if "=" in a and not Path(a).exists()]
         args.checkpoint = [a for a in args.checkpoint if a not in args.overrides]
@@ -118,6 +125,11 @@ def _config(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    if args.print_config:
+        from data_pipeline.typedconfig import render_config
+
+        print(render_config(cfg))
+        return 0
     if args.command == "embed":
         from timemae_dist.eval.embed import run_embed
 

@@ -97,3 +97,19 @@ def test_training_checkpoint_is_exported_on_the_fly(fixture, tmp_path, capsys):
     res = _last_json(capsys.readouterr().out)
     assert res["split"] == "test" and res["checkpoint"]["path"] == ckpt
     assert res["model_config"]["d_model"] == 16  # the tiny pretraining config's encoder
+
+
+def test_print_config_and_required_options(tmp_path, capsys):
+    """--print-config prints the eval config the options resolve to (no store needed, nothing
+    read); without it --store (and embed's --plot) are required, as usage errors."""
+    import yaml
+
+    rc = main(["linear", str(tmp_path / "none"), "--label-fraction", "0.01", "1.0", "--seeds", "2",
+               "linear.C_grid=[1.0]", "--print-config"])
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert rc == 0 and out["label_fractions"] == [0.01, 1.0] and out["num_seeds"] == 2
+    assert out["linear"]["C_grid"] == [1.0]
+    for argv, flag in ((["linear", str(tmp_path)], "--store"), (["embed", str(tmp_path), "--store", "s"], "--plot")):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2 and f"required: {flag}" in capsys.readouterr().err
