@@ -213,3 +213,17 @@ def test_text_keys_take_overrides_as_written() -> None:
     assert info.value.key == "trainer.cpu_dropout"
     cfg = load_data_config(None, ["source.kind=hapt_package", "name=2026", "output.path=on"])
     assert cfg.name == "2026" and cfg.output.path == "on"
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path: Path) -> None:
+    """PyYAML (YAML 1.1) reads `1e-4` as text; float keys accept it, in overrides and files."""
+    from timemae_dist.train.config import load_pretrain_config
+
+    cfg = load_pretrain_config(None, ["data.store=s", "deepspeed.lr=1e-4", "model.alpha=5E0", "deepspeed.eps=+1e-8"])
+    assert cfg.deepspeed.lr == 1e-4 and cfg.model.alpha == 5.0 and cfg.deepspeed.eps == 1e-8
+    f = tmp_path / "p.yaml"
+    f.write_text("data:\n  store: s\ndeepspeed:\n  lr: 3e-4\n")
+    assert load_pretrain_config(f).deepspeed.lr == 3e-4
+    with pytest.raises(ConfigError) as info:
+        load_pretrain_config(None, ["data.store=s", "deepspeed.lr=1e-4x"])
+    assert info.value.key == "deepspeed.lr"

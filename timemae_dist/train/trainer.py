@@ -235,11 +235,13 @@ class Trainer:
             log_now = step % cfg.run.log_every == 0 or step == stop
             if log_now:
                 self.last_metrics = self.log_metrics(out)
+                self._check_finite(step, self.last_metrics)
             if cfg.run.eval_every and (step % cfg.run.eval_every == 0 or step == stop):
                 self.evaluate()
             if (every_ckpt and step % every_ckpt == 0) or step == stop:
                 if not self.last_metrics or not log_now:
                     self.last_metrics = {**self.last_metrics, **self.reduce_losses(out)}
+                    self._check_finite(step, self.last_metrics)  # never save a diverged model
                 self.last_checkpoint = self._save_checkpoint(self, self.last_metrics)
         elapsed = time.perf_counter() - t_start
         done = self.state.step - start_step
@@ -343,6 +345,24 @@ class Trainer:
         if unexpected or any(k in dict(self._probe_replica.named_parameters()) for k in missing):
             raise RuntimeError(f"linear probe replica does not match the model: {missing[:4]} {unexpected[:4]}")
         return self._probe_replica
+
+    def _check_finite(self, step: int, metrics: dict[str, float]) -> None:
+        """Stop a diverged run with one clear error before it logs or saves a non-finite model.
+
+        Runs on logging and checkpoint steps only (their losses are already on the host and
+        all-reduced, so every rank stops together); the checkpoints already saved are kept."""
+        bad = {k: v for k, v in metrics.items() if k.startswith("loss/") and not math.isfinite(v)}
+        if not bad:
+            return
+        from timemae_dist.train.errors import PretrainError
+
+        last = self.last_checkpoint or "none yet"
+        raise PretrainError(
+            f"step {step}: the loss is not finite ({', '.join(f'{k}={v}' for k, v in bad.items())}): training "
+            f"diverged and was stopped before saving; the last good checkpoint is {last}. Lower deepspeed.lr "
+            f"(now {self.cfg.deepspeed.lr:g}), keep deepspeed.clip > 0 (now {self.cfg.deepspeed.clip:g}), lengthen "
+            f"deepspeed.warmup_steps or train in fp32, then re-run the command (it resumes from that checkpoint)"
+        )
 
     # -------------------------------------------------------------------------------------
     # metrics (logging steps only: these sync with the host)

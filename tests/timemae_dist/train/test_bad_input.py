@@ -84,3 +84,15 @@ def test_cpu_dropout_on_without_a_compiler_fails_before_ray(tiny_store, tmp_path
     assert len(err.splitlines()) == 1, err
     assert "trainer.cpu_dropout" in err and "no C compiler" in err and "trainer.cpu_dropout=auto" in err, err
     assert not (tmp_path / "nocc").exists()
+
+
+def test_diverged_distributed_run_fails_naming_the_step(ray_local, tiny_store, tmp_path):
+    """Under Ray Train + DeepSpeed (2 workers) a non-finite loss stops every rank at the same
+    logging step with the divergence message; no checkpoint of the diverged model is written."""
+    cfg = load_pretrain_config(TINY_CONFIG, tiny_overrides(
+        tiny_store, tmp_path, "div", "trainer.num_workers=2", "deepspeed.zero_stage=2", "trainer.max_steps=6",
+        "run.log_every=2", "run.checkpoint_every=0", "run.max_failures=0", "run.eval_every=0", "model.alpha=1e39"))
+    with pytest.raises(Exception) as e:
+        run_distributed(cfg)
+    assert "step 2: the loss is not finite" in str(e.value), str(e.value)[-2000:]
+    assert not list((tmp_path / "div").glob("checkpoint_*"))

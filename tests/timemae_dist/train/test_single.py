@@ -145,3 +145,24 @@ def test_cpu_dropout_option_switches_the_mask_path_for_the_run(tiny_store, tmp_p
                           "run.eval_every=0", "trainer.cpu_dropout=on")
     assert run_single(load_pretrain_config(TINY_CONFIG, over))["final_loss"] == losses["eager"]
     assert "eager torch ops" in capsys.readouterr().out and os.environ["TIMEMAE_CPU_DROPOUT"] == "off"
+
+
+def test_a_diverged_run_stops_with_one_error_and_keeps_its_good_checkpoints(tiny_store, tmp_path):
+    """A non-finite loss (here forced with an absurd loss weight after a good start) stops the run
+    at the first logging/checkpoint step that sees it, before anything non-finite is saved; the
+    message names the step, the last good checkpoint and the fix; earlier checkpoints survive."""
+    from timemae_dist.train.errors import PretrainError
+
+    good = tiny_overrides(tiny_store, tmp_path, "div", "trainer.max_steps=8", "run.checkpoint_every=2",
+                          "run.log_every=4", "run.eval_every=0", "run.keep_checkpoints=2")
+    cfg = load_pretrain_config(TINY_CONFIG, [*good[:-5], "trainer.max_steps=8", "trainer.stop_after=2",
+                                             "run.checkpoint_every=2", "run.log_every=4", "run.eval_every=0"])
+    assert run_single(cfg)["steps"] == 2
+    # same run, continued with a loss weight that overflows float32: inf loss from step 3 on
+    bad = load_pretrain_config(TINY_CONFIG, [*good, "model.alpha=1e39"])
+    with pytest.raises(PretrainError) as info:
+        run_single(bad)
+    msg = str(info.value)
+    assert msg.startswith("step 4: the loss is not finite (loss/total=") and "\n" not in msg, msg
+    assert "checkpoint_0000002" in msg and "deepspeed.lr" in msg and "re-run the command" in msg
+    assert sorted(p.name for p in (tmp_path / "div").glob("checkpoint_*")) == ["checkpoint_0000002"]
