@@ -109,6 +109,49 @@ def load_checkpoint(trainer: Any, ckpt_dir: str | Path) -> dict:
     return meta
 
 
+# model keys that shape the parameters: a checkpoint resumes only into the same values
+ARCHITECTURE_KEYS = (
+    "in_channels", "seq_len", "wave_length", "d_model", "num_layers", "num_heads", "reg_layers", "ffn_mult",
+    "vocab_size", "enable_res_parameter", "num_classes", "encoder.type",
+)
+
+
+def check_resumable(cfg: Any, ckpt_dir: str | Path, *, engine: str, world_size: int) -> None:
+    """Fail before anything starts if ``cfg`` cannot resume ``ckpt_dir``: another architecture,
+    another engine (``--single-process`` vs Ray Train + DeepSpeed), another number of workers or
+    ZeRO stage. One :class:`~timemae_dist.train.errors.PretrainError` naming the keys and the fix."""
+    from timemae_dist.train.errors import PretrainError
+
+    d = Path(ckpt_dir)
+    try:
+        meta = json.loads((d / META).read_text())
+    except (OSError, ValueError) as e:
+        raise PretrainError(f"checkpoint {str(d)!r}: {META} unreadable ({e}); delete that checkpoint folder "
+                            "to resume from the one before, or start a new run.name") from None
+    fix = f"use the run's settings to resume it, or a new run.name to start fresh (run.name={cfg.run.name} resumes {d.name})"
+    if meta.get("engine") and meta["engine"] != engine:
+        how = {"plain": "--single-process (plain PyTorch)", "deepspeed": "Ray Train + DeepSpeed"}
+        raise PretrainError(f"checkpoint {str(d)!r} was written by {how.get(meta['engine'], meta['engine'])}, "
+                            f"this run uses {how.get(engine, engine)}; {fix}")
+    saved = meta.get("config", {}).get("model", {})
+    now = cfg.to_dict()["model"]
+
+    def get(m: dict, key: str) -> Any:
+        for part in key.split("."):
+            m = m.get(part, {}) if isinstance(m, dict) else {}
+        return m if m != {} else None
+
+    diff = [f"model.{k}={get(saved, k)!r} (this config: {get(now, k)!r})" for k in ARCHITECTURE_KEYS
+            if get(saved, k) != get(now, k)]
+    if engine == "deepspeed":
+        if meta.get("world_size") not in (None, world_size):
+            diff.append(f"trainer.num_workers={meta['world_size']} (this config: {world_size})")
+        if meta.get("zero_stage") not in (None, cfg.deepspeed.zero_stage):
+            diff.append(f"deepspeed.zero_stage={meta['zero_stage']} (this config: {cfg.deepspeed.zero_stage})")
+    if diff:
+        raise PretrainError(f"checkpoint {str(d)!r} was trained with {', '.join(diff)}; {fix}")
+
+
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """``(step, path)`` of every complete ``checkpoint_<step>`` directory of a run (with ``meta.json``), by step."""
     root = Path(run_dir)

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any, Optional
 
-from timemae_dist.train.checkpoint import find_latest_checkpoint
+from timemae_dist.train.checkpoint import check_resumable, find_latest_checkpoint
 from timemae_dist.train.config import PretrainConfig
 from timemae_dist.train.errors import PretrainError
 from timemae_dist.train.preflight import check_cluster, resolve
@@ -65,6 +65,8 @@ def run_distributed(cfg: PretrainConfig, address: Optional[str] = None) -> dict[
     drop = _dropout_mode(cfg)
     run_dir = cfg.run.run_dir
     latest = find_latest_checkpoint(run_dir)
+    if latest is not None:  # another architecture / engine / world size fails here, before Ray starts
+        check_resumable(cfg, latest, engine="deepspeed", world_size=cfg.trainer.num_workers)
     print(
         f"run {cfg.run.name}: "
         + (f"resuming from {latest}" if latest else f"starting fresh in {run_dir}"),

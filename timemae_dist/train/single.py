@@ -11,7 +11,9 @@ from typing import Any
 import torch
 
 from timemae_dist.train.build import build_loader, build_model, rank_seed, seed_all
-from timemae_dist.train.checkpoint import checkpoint_name, find_latest_checkpoint, load_checkpoint, save_checkpoint
+from timemae_dist.train.checkpoint import (
+    check_resumable, checkpoint_name, find_latest_checkpoint, load_checkpoint, save_checkpoint,
+)
 from timemae_dist.train.config import PretrainConfig
 from timemae_dist.train.errors import PretrainError
 from timemae_dist.train.metrics import MetricsWriter
@@ -47,6 +49,8 @@ def _run_single(cfg: PretrainConfig) -> dict[str, Any]:
     cfg, plan = resolve(cfg)
     run_dir = cfg.run.run_dir
     latest = find_latest_checkpoint(run_dir)
+    if latest is not None:  # another architecture / engine fails here, before anything is built
+        check_resumable(cfg, latest, engine="plain", world_size=1)
     print(
         f"run {cfg.run.name}: "
         + (f"resuming from {latest}" if latest else f"starting fresh in {run_dir}")

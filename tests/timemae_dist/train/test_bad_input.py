@@ -96,3 +96,25 @@ def test_diverged_distributed_run_fails_naming_the_step(ray_local, tiny_store, t
         run_distributed(cfg)
     assert "step 2: the loss is not finite" in str(e.value), str(e.value)[-2000:]
     assert not list((tmp_path / "div").glob("checkpoint_*"))
+
+
+def test_resuming_with_another_architecture_or_engine_fails_before_anything_runs(tiny_store, tmp_path, capsys):
+    """Re-running a run name resumes its checkpoint: a changed architecture, or the other engine
+    (--single-process vs Ray Train + DeepSpeed), is one line naming the keys and the fix, before
+    any model is built or Ray starts; the checkpoint is untouched."""
+    over = tiny_overrides(tiny_store, tmp_path, "arch", "trainer.max_steps=2")
+    assert main(["--single-process", str(TINY_CONFIG), *over]) == 0
+    ckpt = tmp_path / "arch" / "checkpoint_0000002"
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in ckpt.rglob("*"))
+    capsys.readouterr()
+    rc, err = _cli(capsys, "--single-process", *over[:-1], "trainer.max_steps=4", "model.d_model=24",
+                   "model.num_layers=3")
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "model.d_model=16 (this config: 24), model.num_layers=2 (this config: 3)" in err
+    assert "new run.name to start fresh" in err
+    rc, err = _cli(capsys, *over[:-1], "trainer.max_steps=4")  # distributed: fails before Ray starts
+    assert rc == 2 and "written by --single-process (plain PyTorch), this run uses Ray Train + DeepSpeed" in err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in ckpt.rglob("*")) == before
+    assert sorted(p.name for p in (tmp_path / "arch").glob("checkpoint_*")) == ["checkpoint_0000002"]
+    # a hyperparameter that does not shape the parameters may change on resume
+    assert main(["--single-process", str(TINY_CONFIG), *over[:-1], "trainer.max_steps=3", "model.dropout=0.0"]) == 0
