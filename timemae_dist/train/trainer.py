@@ -241,7 +241,9 @@ class Trainer:
             if (every_ckpt and step % every_ckpt == 0) or step == stop:
                 if not self.last_metrics or not log_now:
                     self.last_metrics = {**self.last_metrics, **self.reduce_losses(out)}
-                    self._check_finite(step, self.last_metrics)  # never save a diverged model
+                    grad_norm = self.engine.get_global_grad_norm()
+                    norm = {} if grad_norm is None else {"optim/grad_norm": float(grad_norm)}  # global: same on all ranks
+                    self._check_finite(step, {**self.last_metrics, **norm})  # never save a diverged model
                 self.last_checkpoint = self._save_checkpoint(self, self.last_metrics)
         elapsed = time.perf_counter() - t_start
         done = self.state.step - start_step
@@ -351,15 +353,17 @@ class Trainer:
 
         Runs on logging and checkpoint steps only (their losses are already on the host and
         all-reduced, so every rank stops together); the checkpoints already saved are kept."""
-        bad = {k: v for k, v in metrics.items() if k.startswith("loss/") and not math.isfinite(v)}
+        # fp16's dynamic loss scaling makes an inf gradient norm routine (that step is skipped)
+        keys = ("loss/",) if self.cfg.deepspeed.precision == "fp16" else ("loss/", "optim/grad_norm")
+        bad = {k: v for k, v in metrics.items() if k.startswith(keys) and not math.isfinite(v)}
         if not bad:
             return
         from timemae_dist.train.errors import PretrainError
 
         last = self.last_checkpoint or "none yet"
         raise PretrainError(
-            f"step {step}: the loss is not finite ({', '.join(f'{k}={v}' for k, v in bad.items())}): training "
-            f"diverged and was stopped before saving; the last good checkpoint is {last}. Lower deepspeed.lr "
+            f"step {step}: training diverged ({', '.join(f'{k}={v}' for k, v in bad.items())}) and was stopped "
+            f"before saving; the last good checkpoint is {last}. Lower deepspeed.lr "
             f"(now {self.cfg.deepspeed.lr:g}), keep deepspeed.clip > 0 (now {self.cfg.deepspeed.clip:g}), lengthen "
             f"deepspeed.warmup_steps or train in fp32, then re-run the command (it resumes from that checkpoint)"
         )
