@@ -242,10 +242,9 @@ def render_config(cfg: Any, _indent: int = 0) -> str:
             lines.append(f"{pad}{f.name}:" + (f"  # {help_}" if help_ else ""))
             lines.append(render_config(value, _indent + 1))
             continue
-        dumped = yaml.safe_dump(to_dict(value), default_flow_style=True, width=10_000, sort_keys=False).strip()
-        if dumped.endswith("\n..."):
-            dumped = dumped[: -len("\n...")]
-        dumped = dumped.removesuffix("...").strip()
+        # a bare scalar is dumped as a document: "value\n...\n"
+        dumped = yaml.safe_dump(to_dict(value), default_flow_style=True, width=10_000, sort_keys=False)
+        dumped = dumped.strip().removesuffix("\n...").strip()
         comment = f"({_type_name(hints[f.name])})" + (f" {help_}" if help_ else "")
         lines.append(f"{pad}{f.name}: {dumped}  # {comment}")
     return "\n".join(lines)

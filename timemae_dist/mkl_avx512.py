@@ -216,6 +216,12 @@ def worker_env(mode: str, deep: bool = True) -> tuple[dict[str, str], str]:
     return {"LD_PRELOAD": " ".join(parts)}, f"fp32 GEMM: oneMKL AVX-512 path on this AMD CPU ({lib.name} preloaded)"
 
 
+def preload_without_shim() -> str:
+    """``$LD_PRELOAD`` with the shim taken out (for processes that must run without it)."""
+    lib = str(shim_path())
+    return " ".join(p for p in _preload_parts() if p != lib)
+
+
 def _preload_parts() -> list[str]:
     """``$LD_PRELOAD``'s entries (the loader accepts spaces and colons between them)."""
     return os.environ.get("LD_PRELOAD", "").replace(":", " ").split()
@@ -279,11 +285,10 @@ def reexec_to_match(config_mode: str) -> None:
     if mode == "off":
         if not loaded:
             return
-        lib = str(shim_path())
-        parts = [p for p in _preload_parts() if p != lib]
+        rest = preload_without_shim()
         env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-        if parts:
-            env["LD_PRELOAD"] = " ".join(parts)
+        if rest:
+            env["LD_PRELOAD"] = rest
     else:
         if loaded:
             return

@@ -99,12 +99,12 @@ def run_distributed(cfg: PretrainConfig, address: Optional[str] = None) -> dict[
             worker_env, note = mkl_env(tr.mkl_avx512)
         except MklAvx512Error as e:
             raise PretrainError(f"trainer.mkl_avx512: {e}") from None
-        from timemae_dist.mkl_avx512 import _preload_parts, shim_loaded, shim_path
+        from timemae_dist.mkl_avx512 import preload_without_shim, shim_loaded
 
         if "LD_PRELOAD" not in worker_env and shim_loaded():
             # mkl_avx512=off (or not applicable) while this driver runs with the shim (`timemae`
             # preloads it): workers of an embedded Ray would inherit it, so pass LD_PRELOAD without it
-            worker_env = {"LD_PRELOAD": " ".join(p for p in _preload_parts() if p != str(shim_path()))}
+            worker_env = {"LD_PRELOAD": preload_without_shim()}
         print(f"workers: {note}", flush=True)
         worker_env = {**worker_env, "TIMEMAE_CPU_DROPOUT": drop}
 
