@@ -51,3 +51,20 @@ def build_loader(cfg: PretrainConfig, rank: int, world_size: int):
         labelled_only=d.labelled_only,
         normalize=d.normalize,
     )
+
+
+def dropout_mode(cfg: PretrainConfig) -> str:
+    """The dropout-mask mode of a run: ``$TIMEMAE_CPU_DROPOUT`` where set, else
+    ``trainer.cpu_dropout``. ``on`` where the kernel cannot be built here fails now, before
+    anything starts (Ray workers on other nodes that cannot build it fail in their first
+    forward with the same message)."""
+    from timemae_dist.kernels import cpu_dropout
+    from timemae_dist.train.errors import PretrainError
+
+    try:
+        mode = cpu_dropout.effective_mode(cfg.trainer.cpu_dropout)
+        if mode == "on" and not cfg.trainer.use_gpu:
+            cpu_dropout.available("on")  # raises where it cannot be built
+    except cpu_dropout.CpuDropoutError as e:
+        raise PretrainError(f"trainer.cpu_dropout: {e}; set trainer.cpu_dropout=auto (eager fallback) or off") from None
+    return mode

@@ -39,21 +39,6 @@ def connect_ray(cfg: PretrainConfig, address: Optional[str] = None) -> str:
     return f"embedded local Ray ({num_cpus} CPUs)"
 
 
-def _dropout_mode(cfg: PretrainConfig) -> str:
-    """``trainer.cpu_dropout`` (or ``$TIMEMAE_CPU_DROPOUT``) for the workers; ``on`` where the
-    kernel cannot be built here fails now, before Ray starts (workers on other nodes that cannot
-    build it fail in their first forward with the same message)."""
-    from timemae_dist.kernels import cpu_dropout
-
-    try:
-        drop = cpu_dropout.effective_mode(cfg.trainer.cpu_dropout)
-        if drop == "on" and not cfg.trainer.use_gpu:
-            cpu_dropout.available("on")  # raises where it cannot be built
-    except cpu_dropout.CpuDropoutError as e:
-        raise PretrainError(f"trainer.cpu_dropout: {e}; set trainer.cpu_dropout=auto (eager fallback) or off") from None
-    return drop
-
-
 def run_distributed(cfg: PretrainConfig, address: Optional[str] = None) -> dict[str, Any]:
     """Pretrain with Ray Train + DeepSpeed; returns the summary dict the CLI prints as JSON.
 
@@ -62,7 +47,9 @@ def run_distributed(cfg: PretrainConfig, address: Optional[str] = None) -> dict[
     already initialised is left alone.
     """
     cfg, plan = resolve(cfg)  # bad store / shapes / batch sizes fail here, before Ray starts
-    drop = _dropout_mode(cfg)
+    from timemae_dist.train.build import dropout_mode
+
+    drop = dropout_mode(cfg)  # trainer.cpu_dropout=on that cannot apply fails here
     run_dir = cfg.run.run_dir
     latest = find_latest_checkpoint(run_dir)
     if latest is not None:  # another architecture / engine / world size fails here, before Ray starts

@@ -10,12 +10,11 @@ from typing import Any
 
 import torch
 
-from timemae_dist.train.build import build_loader, build_model, rank_seed, seed_all
+from timemae_dist.train.build import build_loader, build_model, dropout_mode, rank_seed, seed_all
 from timemae_dist.train.checkpoint import (
     check_resumable, checkpoint_name, find_latest_checkpoint, load_checkpoint, save_checkpoint,
 )
 from timemae_dist.train.config import PretrainConfig
-from timemae_dist.train.errors import PretrainError
 from timemae_dist.train.metrics import MetricsWriter
 from timemae_dist.train.preflight import resolve
 from timemae_dist.train.trainer import PlainEngine, Trainer, total_steps
@@ -64,11 +63,8 @@ def _run_single(cfg: PretrainConfig) -> dict[str, Any]:
     print(describe(), flush=True)  # which fp32 GEMM path this process runs
     from timemae_dist.kernels import cpu_dropout
 
-    try:
-        os.environ["TIMEMAE_CPU_DROPOUT"] = cpu_dropout.effective_mode(cfg.trainer.cpu_dropout)
-        print(cpu_dropout.describe(), flush=True)  # which dropout-mask path
-    except cpu_dropout.CpuDropoutError as e:
-        raise PretrainError(f"trainer.cpu_dropout: {e}; set trainer.cpu_dropout=auto (eager fallback) or off") from None
+    os.environ["TIMEMAE_CPU_DROPOUT"] = dropout_mode(cfg)
+    print(cpu_dropout.describe(), flush=True)  # which dropout-mask path
     model = build_model(cfg)
     target = model.detach_target_encoder()
     loader = build_loader(cfg, 0, 1)
