@@ -199,8 +199,7 @@ def dropout_mask_rows(iters: int = 2000) -> list[dict]:
     from timemae_dist.model.layers import keep_mask
 
     rows = []
-    saved = os.environ.get("TIMEMAE_CPU_DROPOUT")
-    try:
+    with cpu_dropout.env_restored():
         for shape in ((1152, 64), (1152, 256)):  # (B * visible windows, d_model) and the FFN hidden
             x = torch.empty(shape)
             res = {}
@@ -219,11 +218,6 @@ def dropout_mask_rows(iters: int = 2000) -> list[dict]:
                 rows.append({"op": "dropout_mask", "shape": list(shape), "impl": impl,
                              "time_us": round(res[impl], 1), "iters": iters})
             rows[-1]["speedup"] = round(res["eager"] / res["c_kernel"], 2)
-    finally:
-        if saved is None:
-            os.environ.pop("TIMEMAE_CPU_DROPOUT", None)
-        else:
-            os.environ["TIMEMAE_CPU_DROPOUT"] = saved
     return rows
 
 

@@ -163,9 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg, batches, step = _setup(args)
 
     arms = {"c_kernel": "on", "eager": "off"}
-    saved = os.environ.get("TIMEMAE_CPU_DROPOUT")
     ms: dict[str, list[float]] = {a: [] for a in arms}
-    try:
+    with cpu_dropout.env_restored():
         for a in arms:  # warm-up both arms
             os.environ["TIMEMAE_CPU_DROPOUT"] = arms[a]
             for x in batches[:5]:
@@ -179,11 +178,6 @@ def main(argv: list[str] | None = None) -> int:
                 for x in batches:
                     step(x)
                 ms[a].append((time.perf_counter() - t0) / len(batches) * 1e3)
-    finally:
-        if saved is None:
-            os.environ.pop("TIMEMAE_CPU_DROPOUT", None)
-        else:
-            os.environ["TIMEMAE_CPU_DROPOUT"] = saved
     med = {a: statistics.median(v) for a, v in ms.items()}
     bs = cfg.trainer.micro_batch_size
     print(f"CPU: {describe_cpu()}; {describe()}; torch threads {args.threads}")

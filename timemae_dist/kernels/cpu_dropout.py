@@ -26,6 +26,7 @@ mask.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -34,13 +35,13 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
 __all__ = [
     "CpuDropoutError", "MODES", "mode", "effective_mode", "available", "describe", "keep_mask_f32",
-    "library_path", "build",
+    "library_path", "build", "env_restored",
 ]
 
 MODES = ("auto", "on", "off")
@@ -114,6 +115,20 @@ def describe() -> str:
     if available():
         return f"dropout masks: C kernel ({library_path().name}, {_ENV}={m})"
     return f"dropout masks: eager torch ops (C kernel unavailable: {_WHY})"
+
+
+@contextlib.contextmanager
+def env_restored() -> Iterator[None]:
+    """``$TIMEMAE_CPU_DROPOUT`` as it was on entry, again on exit (set or unset): for code that
+    switches the mode for one run or one measurement."""
+    saved = os.environ.get(_ENV)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(_ENV, None)
+        else:
+            os.environ[_ENV] = saved
 
 
 def library_path() -> Path:

@@ -31,14 +31,10 @@ def _prune(run_dir: Path, keep: int) -> None:
 def run_single(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretrain in this process; returns the summary (steps, windows_per_s, final_loss, checkpoint)."""
     # trainer.cpu_dropout applies for this run only: $TIMEMAE_CPU_DROPOUT is restored afterwards
-    saved = os.environ.get("TIMEMAE_CPU_DROPOUT")
-    try:
+    from timemae_dist.kernels.cpu_dropout import env_restored
+
+    with env_restored():
         return _run_single(cfg)
-    finally:
-        if saved is None:
-            os.environ.pop("TIMEMAE_CPU_DROPOUT", None)
-        else:
-            os.environ["TIMEMAE_CPU_DROPOUT"] = saved
 
 
 def _run_single(cfg: PretrainConfig) -> dict[str, Any]:
