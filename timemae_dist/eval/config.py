@@ -15,8 +15,9 @@ from typing import Literal, Optional
 from data_pipeline.typedconfig import ConfigError, load_config, option
 
 MULTI_CLASS = ("ovr", "multinomial")  # the linear probe's multi-class schemes (timemae_dist.eval.linear)
+HEAD_INIT = ("random", "probe")  # how fine-tuning starts its classification head (timemae_dist.eval.finetune)
 
-__all__ = ["MULTI_CLASS", "LinearProbeConfig", "FinetuneConfig", "EmbedConfig", "EvalConfig", "load_eval_config"]
+__all__ = ["MULTI_CLASS", "HEAD_INIT", "LinearProbeConfig", "FinetuneConfig", "EmbedConfig", "EvalConfig", "load_eval_config"]
 
 
 @dataclass
@@ -75,6 +76,13 @@ class FinetuneConfig:
     min_steps_per_epoch: int = option(
         1, "repeat a tiny label-fraction train set so an epoch has at least this many steps"
     )
+    head_init: list[str] = option(
+        ["random"],
+        "how a pretrained encoder's head starts, each listed one a full run, the best val accuracy kept "
+        "(ties: lower val loss, then the first listed): random = fresh seeded init (the official code), "
+        "probe = the multinomial linear probe fit on the frozen encoder's train representations, C chosen "
+        "on val (LP-FT, linear probing then fine-tuning); supervised-from-scratch always starts random",
+    )
 
     def validate(self) -> None:
         if self.lr <= 0:
@@ -88,6 +96,9 @@ class FinetuneConfig:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.patience < 0:
             raise ConfigError("patience", f"must be >= 0, got {self.patience}")
+        bad = [h for h in self.head_init if h not in HEAD_INIT]
+        if bad or not self.head_init or len(set(self.head_init)) != len(self.head_init):
+            raise ConfigError("head_init", f"list random and/or probe, each once (got {self.head_init})")
 
     @property
     def lrs(self) -> list[float]:

@@ -23,7 +23,8 @@ from torch import nn
 from timemae_dist.eval.config import FinetuneConfig
 from timemae_dist.eval.errors import EvalError
 
-__all__ = ["FinetuneResult", "build_classifier", "finetune", "predict", "class_index"]
+__all__ = ["FinetuneResult", "build_classifier", "head_from_probe", "init_head_from_probe", "finetune", "predict",
+           "class_index"]
 
 
 def class_index(classes: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -51,6 +52,43 @@ def build_classifier(model_config, num_classes: int, pretrained: nn.Module | Non
                 f"unexpected {unexpected[:3]}); re-export it with `timemae export`"
             )
     return clf
+
+
+def head_from_probe(probe, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(W (K, D), b (K,))`` of a linear head equal to a fitted multinomial probe on raw features.
+
+    ``probe`` is :func:`~timemae_dist.eval.linear.fit_probe`'s StandardScaler + LogisticRegression
+    fit on class positions ``0..K-1``; the scaler folds into the weights
+    (``W z_std + b = (W / s) z + (b - W m / s)``), so ``head(z)`` gives the probe's logits up to a
+    per-window constant (the same softmax). A class absent from the probe's train set gets zero
+    weights and a bias below every other class's.
+    """
+    scaler, lr = probe[0], probe[-1]
+    if not hasattr(lr, "coef_") or lr.coef_.ndim != 2:
+        raise EvalError("head_init=probe needs a fitted multinomial LogisticRegression probe")
+    coef, icpt = np.asarray(lr.coef_, np.float64), np.asarray(lr.intercept_, np.float64)
+    if coef.shape[0] == 1:  # binary: sklearn keeps one logit (class 1 vs class 0); split it symmetrically
+        coef, icpt = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-icpt / 2, icpt / 2])
+    mean = np.asarray(scaler.mean_, np.float64)
+    scale = np.asarray(scaler.scale_, np.float64)
+    W_seen = coef / scale[None, :]
+    b_seen = icpt - W_seen @ mean
+    W = np.zeros((num_classes, coef.shape[1]))
+    b = np.full(num_classes, float(b_seen.min()) - 10.0)
+    rows = np.asarray(lr.classes_, np.int64)
+    W[rows], b[rows] = W_seen, b_seen
+    return W.astype(np.float32), b.astype(np.float32)
+
+
+def init_head_from_probe(model: nn.Module, probe) -> None:
+    """Set ``model.head`` (``nn.Linear(D, K)``) to the probe's linear map (LP-FT's start)."""
+    head = model.head
+    W, b = head_from_probe(probe, head.out_features)
+    if W.shape != tuple(head.weight.shape):
+        raise EvalError(f"the probe was fit on {W.shape[1]}-d features but the head takes {head.in_features}")
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(W))
+        head.bias.copy_(torch.from_numpy(b))
 
 
 @dataclass

@@ -34,6 +34,7 @@ from timemae_dist.eval.config import EvalConfig
 from timemae_dist.eval.errors import EvalError
 from timemae_dist.eval.features import (
     check_compatible,
+    encode,
     encode_split,
     labelled_indices,
     load_encoder,
@@ -41,7 +42,7 @@ from timemae_dist.eval.features import (
     read_windows,
     resolve_device,
 )
-from timemae_dist.eval.finetune import build_classifier, class_index, finetune, predict
+from timemae_dist.eval.finetune import build_classifier, class_index, finetune, init_head_from_probe, predict
 from timemae_dist.eval.linear import select_probe
 from timemae_dist.eval.metrics import classification_metrics, mean_std
 from timemae_dist.eval.report import environment, checkpoint_sha256, manifest_sha256
@@ -156,29 +157,56 @@ def _linear_run(data, feats, cfg, name, model, fraction, seed, device) -> dict:
     return {"num_train": int(pos.size), "selection": sel.to_dict(), "val_accuracy": sel.val_accuracy, "y_pred": y_pred}
 
 
+def _probe_for_head(data, cfg, model, x_tr, y_tr, x_va, y_va):
+    """The multinomial probe (C chosen on val) on the frozen encoder's train-subset representations."""
+    z_tr = encode(model, x_tr, cfg.batch_size)
+    z_va = encode(model, x_va, cfg.batch_size)
+    return select_probe(z_tr, y_tr, z_va, y_va, cfg.linear.C_grid, cfg.linear.max_iter, cfg.linear.extend_edges,
+                        ("multinomial",))
+
+
 def _finetune_run(data, cfg, name, model, fraction, seed, device) -> dict:
     pos = data.subset_positions(fraction, seed)
     K = len(data.classes)
     x_tr, y_tr = data.windows("train")[pos], class_index(data.classes, data.y_train[pos])
     x_va, y_va = data.windows("val"), class_index(data.classes, data.y_val)
+    head_inits = list(cfg.finetune.head_init) if name == "pretrained" else ["random"]
+    probe = None
     best = None
-    by_lr = {}
-    for lr in cfg.finetune.lrs:  # each a full run from the same init; val keeps one
-        if name == "pretrained":
-            clf = build_classifier(model.config, K, pretrained=model, seed=seed).to(device)
-        else:
-            clf = scratch_classifier(model.config, K, seed, device)
-        res = finetune(
-            clf, x_tr, y_tr, x_va, y_va,
-            dataclasses.replace(cfg.finetune, lr=lr), seed, eval_batch_size=cfg.batch_size,
-        )
-        by_lr[repr(float(lr))] = res.val_accuracy
-        if best is None or (res.val_accuracy, -res.val_loss) > (best[1].val_accuracy, -best[1].val_loss):
-            best = (clf, res, lr)
-    clf, res, lr = best
-    selection = {**res.to_dict(), "lr": float(lr), "val_accuracy_by_lr": by_lr}
+    tried: list[dict] = []
+    models: list = []
+    for head_init in head_inits:
+        if head_init == "probe" and probe is None:
+            probe = _probe_for_head(data, cfg, model, x_tr, y_tr, x_va, y_va)
+        for lr in cfg.finetune.lrs:  # each a full run from the same init; val keeps one
+            if name == "pretrained":
+                clf = build_classifier(model.config, K, pretrained=model, seed=seed).to(device)
+                if head_init == "probe":
+                    init_head_from_probe(clf, probe.probe)
+            else:
+                clf = scratch_classifier(model.config, K, seed, device)
+            res = finetune(
+                clf, x_tr, y_tr, x_va, y_va,
+                dataclasses.replace(cfg.finetune, lr=lr), seed, eval_batch_size=cfg.batch_size,
+            )
+            tried.append({"head_init": head_init, "lr": float(lr), "val_accuracy": res.val_accuracy,
+                          "val_loss": res.val_loss})
+            models.append(clf)
+            if best is None or (res.val_accuracy, -res.val_loss) > (best[1].val_accuracy, -best[1].val_loss):
+                best = (clf, res, lr, head_init)
+    clf, res, lr, head_init = best
+    by_lr = {repr(t["lr"]): t["val_accuracy"] for t in tried if t["head_init"] == head_init}
+    selection = {**res.to_dict(), "lr": float(lr), "val_accuracy_by_lr": by_lr, "head_init": head_init,
+                 "tried": tried}
+    if probe is not None:
+        selection["head_probe"] = {"C": probe.C, "val_accuracy": probe.val_accuracy}
     # selection done: now (and only now) the test split is read and scored once
     y_pred = data.classes[predict(clf, data.test_windows(), cfg.batch_size)]
+    if len(models) > 1:  # what the choice did, for the report (after it was made; never an input to it)
+        y_test = data.test()[1]
+        for t, m in zip(tried, models):
+            pred = data.classes[predict(m, data.test_windows(), cfg.batch_size)]
+            t["test_accuracy_after_selection"] = float(np.mean(pred == y_test))
     return {"num_train": int(pos.size), "selection": selection, "val_accuracy": res.val_accuracy, "y_pred": y_pred}
 
 

@@ -105,8 +105,14 @@ def poisoned_store(fixture, tmp_path_factory):
 
 
 def _selection(results: dict) -> list:
-    return [(x["model"], x["protocol"], x["label_fraction"], x["seed"], x["selection"], x["val_accuracy"])
-            for x in results["results"]]
+    """What each run chose and every val number (tried runs' test accuracies, reported after the choice, left out)."""
+    out = []
+    for x in results["results"]:
+        sel = dict(x["selection"])
+        if "tried" in sel:
+            sel["tried"] = [{k: v for k, v in t.items() if k != "test_accuracy_after_selection"} for t in sel["tried"]]
+        out.append((x["model"], x["protocol"], x["label_fraction"], x["seed"], sel, x["val_accuracy"]))
+    return out
 
 
 def test_poisoned_test_split_does_not_change_selection(fixture, poisoned_store, linear_results):
