@@ -9,6 +9,8 @@
 #   FT_EPOCHS=20 FT_PATIENCE=10 bash benchmarks/reproduce_hapt_har.sh   # reduced fine-tuning budget (as in RESULTS.md)
 #   STOP_AT=3400 bash benchmarks/...                      # stop pretraining at this step, evaluate that checkpoint
 #   SELECT=0 bash benchmarks/...                          # evaluate the last checkpoint, not the one val selects
+#   FT_HEAD_INIT=random,probe bash benchmarks/...         # fine-tuning also tries a head started from the probe
+#                                                           (LP-FT), val keeps one
 #
 # Pretraining keeps a checkpoint every 500 steps (all 16 of them); `timemae evaluate select` then
 # picks the one whose linear probe is best on val (test never read), and that one is evaluated.
@@ -24,6 +26,7 @@ STOP_AT=${STOP_AT:-$TOTAL_STEPS}
 SELECT=${SELECT:-1}
 FT_EPOCHS=${FT_EPOCHS:-100} # official fine-tuning budget (configs/eval/finetune.yaml)
 FT_PATIENCE=${FT_PATIENCE:-10}
+FT_HEAD_INIT=${FT_HEAD_INIT:-random}  # finetune.head_init of the pretrained encoder's fine-tuning
 OUT=${OUT:-runs/eval_${RUN}}
 mkdir -p runs "$OUT"
 export OMP_NUM_THREADS=$THREADS
@@ -57,6 +60,6 @@ FT="finetune.epochs=$FT_EPOCHS finetune.patience=$FT_PATIENCE"
 # shellcheck disable=SC2086
 hapt_har_eval linear "$CKPT" "$OUT/linear" "$OUT/linear.log" --baselines finetune.min_steps_per_epoch=4 $FT --plot &
 # shellcheck disable=SC2086
-hapt_har_eval finetune "$CKPT" "$OUT/finetune" "$OUT/finetune.log" $FT --plot &
+hapt_har_eval finetune "$CKPT" "$OUT/finetune" "$OUT/finetune.log" $FT "finetune.head_init=[$FT_HEAD_INIT]" --plot &
 wait
 tail -n 3 "$OUT/linear.log" "$OUT/finetune.log" | grep -v '^{'
