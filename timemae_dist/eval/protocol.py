@@ -210,6 +210,13 @@ def _finetune_run(data, cfg, name, model, fraction, seed, device) -> dict:
     return {"num_train": int(pos.size), "selection": selection, "val_accuracy": res.val_accuracy, "y_pred": y_pred}
 
 
+def _choice(selection: dict) -> str:
+    """`` lr=... head=...`` for a fine-tuning run that chose among several (empty otherwise)."""
+    if len(selection.get("tried", ())) < 2:
+        return ""
+    return f" lr={selection['lr']:g} head={selection['head_init']}"
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     """Mean +- std over seeds per (model, protocol, label fraction), in first-seen order."""
     groups: dict[tuple, list[dict]] = {}
@@ -288,6 +295,7 @@ def run_evaluation(
                     f"[evaluate {kind}] {name:<11} {protocol:<8} fraction={fraction:<5g} seed={seed} "
                     f"n_train={row['num_train']:<6d} val_acc={row['val_accuracy']:.4f} "
                     f"test_acc={row['accuracy']:.4f} test_f1={row['macro_f1']:.4f} ({row['seconds']:.1f}s)"
+                    + _choice(row["selection"])
                 )
     summary = summarise(rows)
     return {
