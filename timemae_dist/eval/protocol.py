@@ -157,7 +157,7 @@ def _linear_run(data, feats, cfg, name, model, fraction, seed, device) -> dict:
     return {"num_train": int(pos.size), "selection": sel.to_dict(), "val_accuracy": sel.val_accuracy, "y_pred": y_pred}
 
 
-def _probe_for_head(data, cfg, model, x_tr, y_tr, x_va, y_va):
+def _probe_for_head(cfg, model, x_tr, y_tr, x_va, y_va):
     """The multinomial probe (C chosen on val) on the frozen encoder's train-subset representations."""
     z_tr = encode(model, x_tr, cfg.batch_size)
     z_va = encode(model, x_va, cfg.batch_size)
@@ -177,7 +177,7 @@ def _finetune_run(data, cfg, name, model, fraction, seed, device) -> dict:
     models: list = []
     for head_init in head_inits:
         if head_init == "probe" and probe is None:
-            probe = _probe_for_head(data, cfg, model, x_tr, y_tr, x_va, y_va)
+            probe = _probe_for_head(cfg, model, x_tr, y_tr, x_va, y_va)
         for lr in cfg.finetune.lrs:  # each a full run from the same init; val keeps one
             if name == "pretrained":
                 clf = build_classifier(model.config, K, pretrained=model, seed=seed).to(device)
