@@ -1,5 +1,6 @@
-"""A/B of the pretraining step: dropout masks (C kernel vs eager, in one process) or malloc
-(glibc malloc on transparent huge pages vs its defaults, in alternated processes).
+"""A/B of the pretraining step: dropout masks (C kernel vs eager, in one process), malloc
+(glibc malloc on transparent huge pages vs its defaults, in alternated processes) or threads
+(2 intra-op threads on the whole batch vs 2 Python threads on half batches, in one process).
 
 Whole-run benchmarks (bench_pretrain.py) on a shared 2-core VM vary by 10-20 % from one run to
 the next, more than many single optimisations gain. This one builds the official-size model on
@@ -9,7 +10,7 @@ update, as `timemae pretrain --single-process` runs it) and alternates the two a
 ms/step of each arm's blocks and, since the machine's speed drifts within a run, the median over
 rounds of the paired ratio eager / c_kernel (``speedup``).
 
-    python benchmarks/bench_step_ab.py [--ab dropout|malloc] [--store stores/hapt_har] [--threads 2]
+    python benchmarks/bench_step_ab.py [--ab dropout|malloc|threads] [--store stores/hapt_har] [--threads 2]
         [--rounds 10] [--block 15] [--json]
 
 ``--ab malloc`` measures an idea that did not pay off: a step allocates and frees a few hundred
@@ -21,13 +22,22 @@ two fresh child processes, one with them and one without (the order alternating)
 minor page faults over them; the result is the median over rounds of the paired ratio
 default / huge-pages (``speedup``).
 
+``--ab threads`` measures another idea that did not pay off: a second intra-op thread adds little
+to one process's step (tiny GEMMs, much element-wise work), so each step's batch is split in two
+halves whose forward + backward run in two Python threads at once with 1 intra-op thread each
+(autograd accumulates both halves' gradients; each half's loss is halved), then one optimizer
+step. The threads contend for the GIL between the step's ~thousand small ops, and the split arm
+was slower. The result is the median over rounds of the paired ratio halves / intra-op
+(``speedup``: above 1 means the intra-op arm, what the trainer does, is faster).
+
 Run it as `timemae`'s own processes run (oneMKL's AVX-512 kernels on AMD CPUs):
 ``LD_PRELOAD=$(python -m timemae_dist.mkl_avx512 --build | tail -1) python benchmarks/bench_step_ab.py``
 or without the shim for MKL's default dispatch; the JSON records which (``gemm``).
 Last line with --json: {"c_kernel_ms": ..., "eager_ms": ..., "speedup": ..., "ratios": [...], "windows_per_s":
 {"c_kernel": ..., "eager": ...}, "cpu": {...}, "gemm": "..."}; with --ab malloc {"thp_ms": ...,
 "default_ms": ..., "speedup": ..., "ratios": [...], "faults_per_step": {"thp": ..., "default": ...},
-"cpu": {...}, "gemm": "..."}.
+"cpu": {...}, "gemm": "..."}; with --ab threads {"intra_op_ms": ..., "halves_ms": ..., "speedup": ...,
+"ratios": [...], "cpu": {...}, "gemm": "..."}.
 """
 
 from __future__ import annotations
@@ -77,6 +87,30 @@ def _setup(args):
         with torch.no_grad():
             TimeMAE.momentum_update_(target, online, momentum)
 
+    def half_step(x):
+        """The same step with the batch split over two Python threads (``--ab threads``)."""
+        import threading
+
+        errors: list[BaseException] = []
+
+        def work(x_half):
+            try:
+                engine.backward(engine(x_half, target_encoder=target)["loss"] * 0.5)
+            except BaseException as e:  # re-raised in the calling thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(h,)) for h in x.chunk(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        engine.step()
+        with torch.no_grad():
+            TimeMAE.momentum_update_(target, online, momentum)
+
+    step.half_step = half_step
     return cfg, batches, step
 
 
@@ -140,9 +174,50 @@ def _malloc_ab(args) -> int:
     return 0
 
 
+def _threads_ab(args) -> int:
+    import torch
+
+    from timemae_dist.hostinfo import cpu_info, describe_cpu
+    from timemae_dist.mkl_avx512 import describe
+
+    cfg, batches, step = _setup(args)
+    arms = {"intra_op": (args.threads, step), "halves": (1, step.half_step)}
+    ms: dict[str, list[float]] = {a: [] for a in arms}
+    try:
+        for threads, fn in arms.values():  # warm-up both arms
+            torch.set_num_threads(threads)
+            for x in batches[:5]:
+                fn(x)
+        for r in range(args.rounds):
+            for a in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
+                threads, fn = arms[a]
+                torch.set_num_threads(threads)
+                fn(batches[0])  # one untimed step after the switch
+                t0 = time.perf_counter()
+                for x in batches:
+                    fn(x)
+                ms[a].append((time.perf_counter() - t0) / len(batches) * 1e3)
+    finally:
+        torch.set_num_threads(args.threads)
+    med = {a: statistics.median(v) for a, v in ms.items()}
+    bs = cfg.trainer.micro_batch_size
+    print(f"CPU: {describe_cpu()}; {describe()}; intra_op: {args.threads} torch threads, halves: 2 Python threads x 1")
+    print(f"{'arm':<10}{'median ms/step':>16}{'windows/s':>11}  blocks (ms/step)")
+    for a in arms:
+        print(f"{a:<10}{med[a]:>16.1f}{bs / med[a] * 1e3:>11,.0f}  {' '.join(f'{v:.1f}' for v in ms[a])}")
+    ratios = [h / i for h, i in zip(ms["halves"], ms["intra_op"])]
+    speedup = statistics.median(ratios)
+    print(f"halves / intra_op per round: median {speedup:.3f} (range {min(ratios):.3f}-{max(ratios):.3f}; "
+          f"{args.rounds} rounds of {args.block} steps, batch {bs})")
+    if args.json:
+        print(json.dumps({"intra_op_ms": med["intra_op"], "halves_ms": med["halves"], "speedup": speedup,
+                          "ratios": ratios, "blocks_ms": ms, "cpu": cpu_info(), "gemm": describe()}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ab", choices=("dropout", "malloc"), default="dropout")
+    p.add_argument("--ab", choices=("dropout", "malloc", "threads"), default="dropout")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--store", default=str(REPO / "stores" / "hapt_har"))
     p.add_argument("--threads", type=int, default=2)
@@ -154,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         return _child(args)
     if args.ab == "malloc":
         return _malloc_ab(args)
+    if args.ab == "threads":
+        return _threads_ab(args)
 
     from timemae_dist.hostinfo import cpu_info, describe_cpu
     from timemae_dist.kernels import cpu_dropout
