@@ -34,7 +34,6 @@ from timemae_dist.eval.config import EvalConfig
 from timemae_dist.eval.errors import EvalError
 from timemae_dist.eval.features import (
     check_compatible,
-    encode,
     encode_split,
     labelled_indices,
     load_encoder,
@@ -157,15 +156,13 @@ def _linear_run(data, feats, cfg, name, model, fraction, seed, device) -> dict:
     return {"num_train": int(pos.size), "selection": sel.to_dict(), "val_accuracy": sel.val_accuracy, "y_pred": y_pred}
 
 
-def _probe_for_head(cfg, model, x_tr, y_tr, x_va, y_va):
+def _probe_for_head(cfg, z_tr, y_tr, z_va, y_va):
     """The multinomial probe (C chosen on val) on the frozen encoder's train-subset representations."""
-    z_tr = encode(model, x_tr, cfg.batch_size)
-    z_va = encode(model, x_va, cfg.batch_size)
     return select_probe(z_tr, y_tr, z_va, y_va, cfg.linear.C_grid, cfg.linear.max_iter, cfg.linear.extend_edges,
                         ("multinomial",))
 
 
-def _finetune_run(data, cfg, name, model, fraction, seed, device) -> dict:
+def _finetune_run(data, feats, cfg, name, model, fraction, seed, device) -> dict:
     pos = data.subset_positions(fraction, seed)
     K = len(data.classes)
     x_tr, y_tr = data.windows("train")[pos], class_index(data.classes, data.y_train[pos])
@@ -177,7 +174,8 @@ def _finetune_run(data, cfg, name, model, fraction, seed, device) -> dict:
     models: list = []
     for head_init in head_inits:
         if head_init == "probe" and probe is None:
-            probe = _probe_for_head(cfg, model, x_tr, y_tr, x_va, y_va)
+            probe = _probe_for_head(cfg, feats.get("pretrained", model, "train")[pos], y_tr,
+                                    feats.get("pretrained", model, "val"), y_va)
         for lr in cfg.finetune.lrs:  # each a full run from the same init; val keeps one
             if name == "pretrained":
                 clf = build_classifier(model.config, K, pretrained=model, seed=seed).to(device)
@@ -280,7 +278,7 @@ def run_evaluation(
                 if protocol == "linear":
                     run = _linear_run(data, feats, cfg, name, model, fraction, seed, device)
                 else:
-                    run = _finetune_run(data, cfg, name, model, fraction, seed, device)
+                    run = _finetune_run(data, feats, cfg, name, model, fraction, seed, device)
                 y_test = data.test()[1]
                 test = classification_metrics(y_test, run.pop("y_pred"), labels=data.report_labels())
                 row = {

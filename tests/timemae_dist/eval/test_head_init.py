@@ -68,7 +68,7 @@ def test_probe_initialised_classifier_starts_as_the_probe(fixture):
     model = load_encoder(export)
     x_tr, x_va = data.windows("train"), data.windows("val")
     y_tr, y_va = np.searchsorted(data.classes, data.y_train), np.searchsorted(data.classes, data.y_val)
-    sel = _probe_for_head(cfg, model, x_tr, y_tr, x_va, y_va)
+    sel = _probe_for_head(cfg, encode(model, x_tr), y_tr, encode(model, x_va), y_va)
     assert sel.multi_class == "multinomial"
     clf = build_classifier(model.config, len(data.classes), pretrained=model, seed=0)
     init_head_from_probe(clf, sel.probe)
