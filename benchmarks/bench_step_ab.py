@@ -57,7 +57,8 @@ TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432:glibc.ma
 
 
 def _setup(args):
-    """The official-size model, its plain engine and ``block`` batches of the store."""
+    """The official-size model, its plain engine, ``block`` batches of the store, and two step functions:
+    the trainer's and the same step on two half-batch threads (``--ab threads``)."""
     import torch
 
     from timemae_dist.model import TimeMAE
@@ -110,15 +111,14 @@ def _setup(args):
         with torch.no_grad():
             TimeMAE.momentum_update_(target, online, momentum)
 
-    step.half_step = half_step
-    return cfg, batches, step
+    return cfg, batches, step, half_step
 
 
 def _child(args) -> int:
     """One process of the malloc A/B: 5 warm-up steps, then 3 x block timed steps."""
     import resource
 
-    _cfg, batches, step = _setup(args)
+    _cfg, batches, step, _ = _setup(args)
     for x in batches[:5]:
         step(x)
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -180,8 +180,8 @@ def _threads_ab(args) -> int:
     from timemae_dist.hostinfo import cpu_info, describe_cpu
     from timemae_dist.mkl_avx512 import describe
 
-    cfg, batches, step = _setup(args)
-    arms = {"intra_op": (args.threads, step), "halves": (1, step.half_step)}
+    cfg, batches, step, half_step = _setup(args)
+    arms = {"intra_op": (args.threads, step), "halves": (1, half_step)}
     ms: dict[str, list[float]] = {a: [] for a in arms}
     try:
         for threads, fn in arms.values():  # warm-up both arms
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     from timemae_dist.mkl_avx512 import describe
 
     cpu_dropout.available("on")  # build/load before timing; fails clearly where it cannot
-    cfg, batches, step = _setup(args)
+    cfg, batches, step, _ = _setup(args)
 
     arms = {"c_kernel": "on", "eager": "off"}
     ms: dict[str, list[float]] = {a: [] for a in arms}
