@@ -174,6 +174,41 @@ def _malloc_ab(args) -> int:
     return 0
 
 
+def _alternate(arms, batches, rounds: int) -> dict[str, list[float]]:
+    """ms/step of each arm's blocks: ``arms`` maps a name to ``enter()`` -> the step function to time
+    (``enter`` applies the arm's setting). Both arms warm up first; then each round times one block per
+    arm on the same batches, the order alternating, one untimed step after each switch."""
+    ms: dict[str, list[float]] = {a: [] for a in arms}
+    for enter in arms.values():
+        fn = enter()
+        for x in batches[:5]:
+            fn(x)
+    for r in range(rounds):
+        for a in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
+            fn = arms[a]()
+            fn(batches[0])
+            t0 = time.perf_counter()
+            for x in batches:
+                fn(x)
+            ms[a].append((time.perf_counter() - t0) / len(batches) * 1e3)
+    return ms
+
+
+def _report(ms: dict[str, list[float]], bs: int, header: str, slow: str, fast: str, args) -> tuple[float, list[float]]:
+    """Print the per-arm table and the median paired ratio ``slow / fast`` over rounds; returns it and the ratios."""
+    med = {a: statistics.median(v) for a, v in ms.items()}
+    print(header)
+    print(f"{'arm':<10}{'median ms/step':>16}{'windows/s':>11}  blocks (ms/step)")
+    for a in ms:
+        print(f"{a:<10}{med[a]:>16.1f}{bs / med[a] * 1e3:>11,.0f}  {' '.join(f'{v:.1f}' for v in ms[a])}")
+    # the machine's speed drifts over a run: pair each round's two blocks and take the median ratio
+    ratios = [s_ / f_ for s_, f_ in zip(ms[slow], ms[fast])]
+    speedup = statistics.median(ratios)
+    print(f"{slow} / {fast} per round: median {speedup:.3f} (range {min(ratios):.3f}-{max(ratios):.3f}; "
+          f"{args.rounds} rounds of {args.block} steps, batch {bs})")
+    return speedup, ratios
+
+
 def _threads_ab(args) -> int:
     import torch
 
@@ -181,34 +216,20 @@ def _threads_ab(args) -> int:
     from timemae_dist.mkl_avx512 import describe
 
     cfg, batches, step, half_step = _setup(args)
-    arms = {"intra_op": (args.threads, step), "halves": (1, half_step)}
-    ms: dict[str, list[float]] = {a: [] for a in arms}
-    try:
-        for threads, fn in arms.values():  # warm-up both arms
+
+    def arm(threads, fn):
+        def enter():
             torch.set_num_threads(threads)
-            for x in batches[:5]:
-                fn(x)
-        for r in range(args.rounds):
-            for a in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
-                threads, fn = arms[a]
-                torch.set_num_threads(threads)
-                fn(batches[0])  # one untimed step after the switch
-                t0 = time.perf_counter()
-                for x in batches:
-                    fn(x)
-                ms[a].append((time.perf_counter() - t0) / len(batches) * 1e3)
+            return fn
+        return enter
+
+    try:
+        ms = _alternate({"intra_op": arm(args.threads, step), "halves": arm(1, half_step)}, batches, args.rounds)
     finally:
         torch.set_num_threads(args.threads)
     med = {a: statistics.median(v) for a, v in ms.items()}
-    bs = cfg.trainer.micro_batch_size
-    print(f"CPU: {describe_cpu()}; {describe()}; intra_op: {args.threads} torch threads, halves: 2 Python threads x 1")
-    print(f"{'arm':<10}{'median ms/step':>16}{'windows/s':>11}  blocks (ms/step)")
-    for a in arms:
-        print(f"{a:<10}{med[a]:>16.1f}{bs / med[a] * 1e3:>11,.0f}  {' '.join(f'{v:.1f}' for v in ms[a])}")
-    ratios = [h / i for h, i in zip(ms["halves"], ms["intra_op"])]
-    speedup = statistics.median(ratios)
-    print(f"halves / intra_op per round: median {speedup:.3f} (range {min(ratios):.3f}-{max(ratios):.3f}; "
-          f"{args.rounds} rounds of {args.block} steps, batch {bs})")
+    header = f"CPU: {describe_cpu()}; {describe()}; intra_op: {args.threads} torch threads, halves: 2 Python threads x 1"
+    speedup, ratios = _report(ms, cfg.trainer.micro_batch_size, header, "halves", "intra_op", args)
     if args.json:
         print(json.dumps({"intra_op_ms": med["intra_op"], "halves_ms": med["halves"], "speedup": speedup,
                           "ratios": ratios, "blocks_ms": ms, "cpu": cpu_info(), "gemm": describe()}))
@@ -239,36 +260,21 @@ def main(argv: list[str] | None = None) -> int:
     cpu_dropout.available("on")  # build/load before timing; fails clearly where it cannot
     cfg, batches, step, _ = _setup(args)
 
-    arms = {"c_kernel": "on", "eager": "off"}
-    ms: dict[str, list[float]] = {a: [] for a in arms}
+    def arm(mode):
+        def enter():
+            os.environ["TIMEMAE_CPU_DROPOUT"] = mode
+            return step
+        return enter
+
     with cpu_dropout.env_restored():
-        for a in arms:  # warm-up both arms
-            os.environ["TIMEMAE_CPU_DROPOUT"] = arms[a]
-            for x in batches[:5]:
-                step(x)
-        for r in range(args.rounds):
-            order = list(arms) if r % 2 == 0 else list(arms)[::-1]
-            for a in order:
-                os.environ["TIMEMAE_CPU_DROPOUT"] = arms[a]
-                step(batches[0])  # one untimed step after the switch
-                t0 = time.perf_counter()
-                for x in batches:
-                    step(x)
-                ms[a].append((time.perf_counter() - t0) / len(batches) * 1e3)
+        ms = _alternate({"c_kernel": arm("on"), "eager": arm("off")}, batches, args.rounds)
     med = {a: statistics.median(v) for a, v in ms.items()}
     bs = cfg.trainer.micro_batch_size
-    print(f"CPU: {describe_cpu()}; {describe()}; torch threads {args.threads}")
-    print(f"{'arm':<10}{'median ms/step':>16}{'windows/s':>11}  blocks (ms/step)")
-    for a in arms:
-        print(f"{a:<10}{med[a]:>16.1f}{bs / med[a] * 1e3:>11,.0f}  {' '.join(f'{v:.1f}' for v in ms[a])}")
-    # the machine's speed drifts over a run: pair each round's two blocks and take the median ratio
-    ratios = [e / c for e, c in zip(ms["eager"], ms["c_kernel"])]
-    speedup = statistics.median(ratios)
-    print(f"eager / c_kernel per round: median {speedup:.3f} (range {min(ratios):.3f}-{max(ratios):.3f}; "
-          f"{args.rounds} rounds of {args.block} steps, batch {bs})")
+    header = f"CPU: {describe_cpu()}; {describe()}; torch threads {args.threads}"
+    speedup, ratios = _report(ms, bs, header, "eager", "c_kernel", args)
     if args.json:
         print(json.dumps({"c_kernel_ms": med["c_kernel"], "eager_ms": med["eager"], "speedup": speedup, "ratios": ratios,
-                          "windows_per_s": {a: bs / med[a] * 1e3 for a in arms}, "blocks_ms": ms,
+                          "windows_per_s": {a: bs / med[a] * 1e3 for a in ms}, "blocks_ms": ms,
                           "cpu": cpu_info(), "gemm": describe()}))
     return 0
 
