@@ -203,7 +203,7 @@ def _finetune_run(data, feats, cfg, name, model, fraction, seed, device) -> dict
     if len(models) > 1:  # what the choice did, for the report (after it was made; never an input to it)
         y_test = data.test()[1]
         for t, m in zip(tried, models):
-            pred = data.classes[predict(m, data.test_windows(), cfg.batch_size)]
+            pred = y_pred if m is clf else data.classes[predict(m, data.test_windows(), cfg.batch_size)]
             t["test_accuracy_after_selection"] = float(np.mean(pred == y_test))
     return {"num_train": int(pos.size), "selection": selection, "val_accuracy": res.val_accuracy, "y_pred": y_pred}
 
