@@ -1,6 +1,6 @@
 """Fused masking kernel vs the official eager way: forward+backward time and peak memory.
 
-    python benchmarks/bench_kernels.py [--json] [--shapes har,large] [--iters-large 3] [--dropout]
+    python benchmarks/bench_kernels.py [--json] [--shapes har,large] [--iters-large 3] [--dropout] [--fused]
 
 Mask gather, forward + backward, at the HAR shape (B=128, L=16, D=64) and a large shape
 (B=1024, L=512, D=768), mask ratio 0.6 (M = int(0.6 * L)), per-sample masking, float32:
@@ -24,6 +24,13 @@ else n/a. Timing never runs under the profiler.
 ``--dropout`` (CPU) adds the dropout-mask kernel (timemae_dist/kernels/cpu_dropout.py) against
 the eager mask (``random_`` + threshold + scale, :func:`timemae_dist.model.layers.keep_mask` with
 ``TIMEMAE_CPU_DROPOUT=off``) at TimeMAE's activation shapes, p = 0.2: median of 2,000 calls.
+
+``--fused`` (CPU) adds the fused kernels of timemae_dist/kernels/cpu_fused.py against the eager
+ops (``TIMEMAE_CPU_FUSED=on|off``) at the HAR shapes, training mode, dropout 0.2, median of 300
+calls: one ``MultiHeadAttention`` module (d_model 64, 4 heads, projections included), forward +
+backward of the encoder's self-attention (7 windows) and the regressor's cross-attention (9
+queries, 7 keys) and the target encoder's no-grad forward (9 windows); one ``ResidualNorm``
+(``norm(x + dropout(a * y))``, the feed-forward's merged masks) forward + backward at 7 windows.
 
 Prints which path ran, one table, and with ``--json`` a last line JSON object of the figures.
 The large CPU case needs ~12 GB of RAM (inputs + the unfused path's 7 GB peak) and takes
@@ -221,6 +228,48 @@ def dropout_mask_rows(iters: int = 2000) -> list[dict]:
     return rows
 
 
+def fused_rows(iters: int = 300) -> list[dict]:
+    """Eager vs fused CPU kernels (float32, training mode, dropout 0.2) at TimeMAE's HAR shapes:
+    the attention module (d_model 64, 4 heads) forward + backward (the encoder's self-attention
+    over 7 visible windows, the regressor's 9 queries over them) and no-grad forward (the
+    momentum target encoder over 9 windows), and the post-LN residual forward + backward."""
+    from timemae_dist.kernels import cpu_dropout, cpu_fused
+    from timemae_dist.model.layers import MultiHeadAttention, ResidualNorm
+
+    torch.manual_seed(0)
+    m = MultiHeadAttention(64, 4, 0.2).train()
+    res_norm = ResidualNorm(64, True, 0.2).train()
+    x7, q9 = torch.randn(128, 7, 64, requires_grad=True), torch.randn(128, 9, 64, requires_grad=True)
+    y7, g7 = torch.randn(128, 7, 64, requires_grad=True), torch.randn(128, 7, 64)
+    x9 = torch.randn(128, 9, 64)
+    cases = {
+        "attention self 7x7 fwd+bwd": lambda: m(x7, x7).sum().backward(),
+        "attention cross 9x7 fwd+bwd": lambda: m(q9, x7).sum().backward(),
+        "attention self 9x9 no-grad fwd": lambda: torch.no_grad()(m)(x9, x9),
+        "residual LayerNorm 7 fwd+bwd": lambda: res_norm(x7, y7, 0.2).backward(g7),
+    }
+    rows = []
+    with cpu_dropout.env_restored():
+        for name, fn in cases.items():
+            res = {}
+            for impl, mode in (("eager", "off"), ("c_kernel", "on")):
+                os.environ["TIMEMAE_CPU_FUSED"] = mode
+                if mode == "on":
+                    cpu_fused.available("on")  # build/load outside the timing
+                for _ in range(30):
+                    fn()
+                ts = []
+                for _ in range(iters):
+                    t0 = time.perf_counter()
+                    fn()
+                    ts.append(time.perf_counter() - t0)
+                res[impl] = statistics.median(ts) * 1e6
+                rows.append({"op": "fused", "case": name, "impl": impl, "time_us": round(res[impl], 1),
+                             "iters": iters})
+            rows[-1]["speedup"] = round(res["eager"] / res["c_kernel"], 2)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print a last line JSON object of the figures")
@@ -229,6 +278,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters-large", type=int, default=None, help="timed iterations at the large shape "
                     "(default 20 on CUDA, 3 on CPU)")
     ap.add_argument("--dropout", action="store_true", help="also time CPU dropout masks: eager vs the C kernel")
+    ap.add_argument("--fused", action="store_true",
+                    help="also time the CPU attention module and the residual LayerNorm: eager vs the fused C kernels")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -279,10 +330,17 @@ def main(argv=None) -> int:
         for r in drop_rows:
             sp = f"{r['speedup']:.2f}" if "speedup" in r else ""
             print(f"{'x'.join(map(str, r['shape'])):<36}{r['impl']:<10}{r['time_us']:>9.1f}{sp:>9}")
+    attn_rows = []
+    if args.fused:
+        attn_rows = fused_rows()
+        print(f"\n{'fused kernels (d 64, 4 heads, B 128, CPU)':<46}{'impl':<10}{'us/call':>9}{'speedup':>9}")
+        for r in attn_rows:
+            sp = f"{r['speedup']:.2f}" if "speedup" in r else ""
+            print(f"{r['case']:<46}{r['impl']:<10}{r['time_us']:>9.1f}{sp:>9}")
     if args.json:
         print(json.dumps({"device": device.type, "path": path, "dtype": "float32",
                           "mask_ratio": MASK_RATIO,
-                          "peak_memory_method": mem_method, "results": rows + drop_rows}))
+                          "peak_memory_method": mem_method, "results": rows + drop_rows + attn_rows}))
     return 0
 
 

@@ -17,16 +17,17 @@ flat fp32 master partitions. The momentum target encoder lives outside the engin
 identical at every stage) and is not counted.
 
     python benchmarks/bench_pretrain.py [--steps 60] [--store stores/hapt_har] [--zero-memory]
-        [--mkl-avx512 auto|on|off] [--cpu-dropout auto|on|off] [--json]
+        [--mkl-avx512 auto|on|off] [--cpu-dropout auto|on|off] [--cpu-fused auto|on|off] [--json]
 
 The workers run with ``trainer.mkl_avx512`` (default auto: oneMKL's AVX-512 GEMM kernels on an
 AMD CPU with AVX-512, see timemae_dist/mkl_avx512.py); ``--mkl-avx512 off`` measures MKL's
 default dispatch (its AVX2 kernels on AMD). ``--cpu-dropout`` sets ``trainer.cpu_dropout``
 (default auto: dropout masks from the C kernel of timemae_dist/kernels/cpu_dropout.py; off =
-torch's eager ops).
+torch's eager ops). ``--cpu-fused`` sets ``trainer.cpu_fused`` (default auto: the attention core and
+the post-LN residual from the fused C kernels of timemae_dist/kernels/cpu_fused.py; off = eager).
 
 The last line with --json: {"one_worker": windows_per_s, "two_workers": windows_per_s,
-"ratio": ..., "mkl_avx512": mode, "cpu_dropout": mode, "cpu": {...} (timemae_dist.hostinfo.cpu_info), "data_wait_fraction": {"one_worker": ..., "two_workers": ...}} plus, with
+"ratio": ..., "mkl_avx512": mode, "cpu_dropout": mode, "cpu_fused": mode, "cpu": {...} (timemae_dist.hostinfo.cpu_info), "data_wait_fraction": {"one_worker": ..., "two_workers": ...}} plus, with
 --zero-memory, "zero_memory_mb": {"0": MB, "1": MB, "2": MB, "3": MB} (MB = 2**20 bytes).
 """
 
@@ -202,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="trainer.mkl_avx512 of the runs: oneMKL's AVX-512 kernels on AMD CPUs (default auto)")
     p.add_argument("--cpu-dropout", choices=("auto", "on", "off"), default="auto",
                    help="trainer.cpu_dropout of the runs: dropout masks from the C kernel (default auto)")
+    p.add_argument("--cpu-fused", choices=("auto", "on", "off"), default="auto",
+                   help="trainer.cpu_fused of the runs: fused attention + residual C kernels (default auto)")
     args = p.parse_args(argv)
     from timemae_dist.hostinfo import cpu_info, describe_cpu
 
@@ -234,11 +237,12 @@ def _throughput(args) -> dict:
     gemm = worker_env(args.mkl_avx512)[1]
     mkl = f"trainer.mkl_avx512={args.mkl_avx512}"
     drop = f"trainer.cpu_dropout={args.cpu_dropout}"
+    fused = f"trainer.cpu_fused={args.cpu_fused}"
     with tempfile.TemporaryDirectory(prefix="bench-pretrain-") as storage:
         one = _run(args.store, storage, "one", args.steps, "trainer.num_workers=1", "trainer.cpus_per_worker=2",
-                   "deepspeed.zero_stage=0", mkl, drop)
+                   "deepspeed.zero_stage=0", mkl, drop, fused)
         two = _run(args.store, storage, "two", args.steps, "trainer.num_workers=2", "trainer.cpus_per_worker=1",
-                   "deepspeed.zero_stage=2", mkl, drop)
+                   "deepspeed.zero_stage=2", mkl, drop, fused)
     ray.shutdown()
     rows = [("1 worker x 2 threads (ZeRO-0)", one), ("2 workers x 1 thread (ZeRO-2)", two)]
     print(f"{'setup':<32}{'windows/s (steady)':>20}{'windows/s (whole run)':>24}{'data wait':>12}")
@@ -247,10 +251,12 @@ def _throughput(args) -> dict:
               f"{s['data_wait_fraction']:>12.1%}")
     ratio = two["steady_windows_per_s"] / one["steady_windows_per_s"]
     print(f"2 workers / 1 worker = {ratio:.2f} (d_model 64, 8 layers, batch 128 per worker, fp32, {args.steps} steps)")
-    print(f"workers' {gemm} [--mkl-avx512 {args.mkl_avx512}]; dropout masks [--cpu-dropout {args.cpu_dropout}]")
+    print(f"workers' {gemm} [--mkl-avx512 {args.mkl_avx512}]; dropout masks [--cpu-dropout {args.cpu_dropout}]; "
+          f"fused kernels [--cpu-fused {args.cpu_fused}]")
     return {
         "mkl_avx512": args.mkl_avx512,
         "cpu_dropout": args.cpu_dropout,
+        "cpu_fused": args.cpu_fused,
         "one_worker": one["steady_windows_per_s"],
         "two_workers": two["steady_windows_per_s"],
         "ratio": ratio,

@@ -1,6 +1,7 @@
-"""A/B of the pretraining step: dropout masks (C kernel vs eager, in one process), malloc
-(glibc malloc on transparent huge pages vs its defaults, in alternated processes) or threads
-(2 intra-op threads on the whole batch vs 2 Python threads on half batches, in one process).
+"""A/B of the pretraining step: dropout masks or the fused attention + residual kernels (C vs
+eager, in one process), malloc (glibc malloc on transparent huge pages vs its defaults, in alternated processes)
+or threads (2 intra-op threads on the whole batch vs 2 Python threads on half batches, in one
+process).
 
 Whole-run benchmarks (bench_pretrain.py) on a shared 2-core VM vary by 10-20 % from one run to
 the next, more than many single optimisations gain. This one builds the official-size model on
@@ -10,7 +11,7 @@ update, as `timemae pretrain --single-process` runs it) and alternates the two a
 ms/step of each arm's blocks and, since the machine's speed drifts within a run, the median over
 rounds of the paired ratio eager / c_kernel (``speedup``).
 
-    python benchmarks/bench_step_ab.py [--ab dropout|malloc|threads] [--store stores/hapt_har] [--threads 2]
+    python benchmarks/bench_step_ab.py [--ab dropout|fused|malloc|threads] [--store stores/hapt_har] [--threads 2]
         [--rounds 10] [--block 15] [--json]
 
 ``--ab malloc`` measures an idea that did not pay off: a step allocates and frees a few hundred
@@ -33,7 +34,9 @@ was slower. The result is the median over rounds of the paired ratio halves / in
 Run it as `timemae`'s own processes run (oneMKL's AVX-512 kernels on AMD CPUs):
 ``LD_PRELOAD=$(python -m timemae_dist.mkl_avx512 --build | tail -1) python benchmarks/bench_step_ab.py``
 or without the shim for MKL's default dispatch; the JSON records which (``gemm``).
-Last line with --json: {"c_kernel_ms": ..., "eager_ms": ..., "speedup": ..., "ratios": [...], "windows_per_s":
+``--ab fused`` switches ``TIMEMAE_CPU_FUSED`` (the fused attention core and post-LN residual of
+timemae_dist/kernels/cpu_fused.py) the same way ``--ab dropout`` switches ``TIMEMAE_CPU_DROPOUT``.
+Last line with --json (dropout, fused): {"kernel": ..., "c_kernel_ms": ..., "eager_ms": ..., "speedup": ..., "ratios": [...], "windows_per_s":
 {"c_kernel": ..., "eager": ...}, "cpu": {...}, "gemm": "..."}; with --ab malloc {"thp_ms": ...,
 "default_ms": ..., "speedup": ..., "ratios": [...], "faults_per_step": {"thp": ..., "default": ...},
 "cpu": {...}, "gemm": "..."}; with --ab threads {"intra_op_ms": ..., "halves_ms": ..., "speedup": ...,
@@ -238,7 +241,7 @@ def _threads_ab(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ab", choices=("dropout", "malloc", "threads"), default="dropout")
+    p.add_argument("--ab", choices=("dropout", "fused", "malloc", "threads"), default="dropout")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--store", default=str(REPO / "stores" / "hapt_har"))
     p.add_argument("--threads", type=int, default=2)
@@ -253,16 +256,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.ab == "threads":
         return _threads_ab(args)
 
+    return _kernel_ab(args)
+
+
+def _kernel_ab(args) -> int:
+    """A C kernel (``--ab dropout``: the dropout masks; ``--ab fused``: the fused attention core and residual)
+    on vs off, switched through its environment variable between blocks."""
     from timemae_dist.hostinfo import cpu_info, describe_cpu
-    from timemae_dist.kernels import cpu_dropout
+    from timemae_dist.kernels import cpu_dropout, cpu_fused
     from timemae_dist.mkl_avx512 import describe
 
-    cpu_dropout.available("on")  # build/load before timing; fails clearly where it cannot
+    kernel = (cpu_fused if args.ab == "fused" else cpu_dropout).KERNEL
+    kernel.available("on")  # build/load before timing; fails clearly where it cannot
     cfg, batches, step, _ = _setup(args)
 
     def arm(mode):
         def enter():
-            os.environ["TIMEMAE_CPU_DROPOUT"] = mode
+            os.environ[kernel.env] = mode
             return step
         return enter
 
@@ -270,12 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         ms = _alternate({"c_kernel": arm("on"), "eager": arm("off")}, batches, args.rounds)
     med = {a: statistics.median(v) for a, v in ms.items()}
     bs = cfg.trainer.micro_batch_size
-    header = f"CPU: {describe_cpu()}; {describe()}; torch threads {args.threads}"
+    header = f"CPU: {describe_cpu()}; {describe()}; torch threads {args.threads}; {kernel.env}=on vs off"
     speedup, ratios = _report(ms, bs, header, "eager", "c_kernel", args)
     if args.json:
-        print(json.dumps({"c_kernel_ms": med["c_kernel"], "eager_ms": med["eager"], "speedup": speedup, "ratios": ratios,
-                          "windows_per_s": {a: bs / med[a] * 1e3 for a in ms}, "blocks_ms": ms,
-                          "cpu": cpu_info(), "gemm": describe()}))
+        print(json.dumps({"kernel": args.ab, "c_kernel_ms": med["c_kernel"], "eager_ms": med["eager"],
+                          "speedup": speedup, "ratios": ratios, "windows_per_s": {a: bs / med[a] * 1e3 for a in ms},
+                          "blocks_ms": ms, "cpu": cpu_info(), "gemm": describe()}))
     return 0
 
 

@@ -16,8 +16,7 @@ checkpoints determine the masks (resume and the ZeRO-stage parity tests rely on 
 Counter-based, so the loop has no carried state and the compiler vectorises it;
 ``target_clones`` picks AVX-512 / AVX2 / baseline code at load time.
 
-Built once with the system C compiler into the cache directory of
-:mod:`timemae_dist.mkl_avx512` (file name keyed by the source's hash, written atomically).
+Built and switched as :mod:`timemae_dist.kernels.ckernel` describes:
 ``TIMEMAE_CPU_DROPOUT=auto`` (default) uses it where it builds and falls back to the eager
 mask (with one warning) where it does not; ``on`` raises instead of falling back; ``off``
 always uses the eager mask. Only float32 CPU tensors take this path; others use the eager
@@ -28,23 +27,19 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import os
-import subprocess
-import tempfile
-import threading
-import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 
+from timemae_dist.kernels.ckernel import MODES, CKernel, CKernelError
+
 __all__ = [
-    "CpuDropoutError", "MODES", "mode", "effective_mode", "available", "describe", "keep_mask_f32",
+    "CpuDropoutError", "KERNEL", "MODES", "mode", "effective_mode", "available", "describe", "keep_mask_f32",
     "library_path", "build", "env_restored",
 ]
 
-MODES = ("auto", "on", "off")
 _ENV = "TIMEMAE_CPU_DROPOUT"
 
 _SOURCE = r"""
@@ -79,141 +74,71 @@ void timemae_keep_mask_f32(float *out, int64_t n, const int64_t *seed_ptr, int32
 }
 """
 
-_LOCK = threading.Lock()
-_FN: Optional[Callable] = None
-_TRIED = False
-_WHY: str = ""
+def _setup(lib) -> None:
+    fn = lib.timemae_keep_mask_f32
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32, ctypes.c_float]
+    fn.restype = None
 
 
-class CpuDropoutError(RuntimeError):
+class CpuDropoutError(CKernelError):
     """The C dropout-mask kernel was required (``TIMEMAE_CPU_DROPOUT=on``) and is unavailable."""
 
 
+KERNEL = CKernel("dropout", _ENV, _SOURCE, "C dropout", setup=_setup, error=CpuDropoutError)
+
+
 def mode() -> str:
-    m = os.environ.get(_ENV, "auto").strip().lower() or "auto"
-    if m not in MODES:
-        raise CpuDropoutError(f"{_ENV}={m!r} is not one of {'|'.join(MODES)}")
-    return m
+    return KERNEL.mode()
 
 
 def effective_mode(configured: str) -> str:
     """The mode a run uses: ``$TIMEMAE_CPU_DROPOUT`` where set, else ``configured``
     (``trainer.cpu_dropout``). Raises :class:`CpuDropoutError` naming a bad value."""
-    if os.environ.get(_ENV, "").strip():
-        return mode()
-    m = str(configured).strip().lower()
-    if m not in MODES:
-        raise CpuDropoutError(f"trainer.cpu_dropout={configured!r} is not one of {'|'.join(MODES)}")
-    return m
+    return KERNEL.effective_mode(configured, "trainer.cpu_dropout")
 
 
 def describe() -> str:
     """One line for logs: which dropout-mask path this process runs, and why."""
-    m = mode()
-    if m == "off":
-        return f"dropout masks: eager torch ops ({_ENV}=off)"
-    if available():
-        return f"dropout masks: C kernel ({library_path().name}, {_ENV}={m})"
-    return f"dropout masks: eager torch ops (C kernel unavailable: {_WHY})"
-
-
-@contextlib.contextmanager
-def env_restored() -> Iterator[None]:
-    """``$TIMEMAE_CPU_DROPOUT`` as it was on entry, again on exit (set or unset): for code that
-    switches the mode for one run or one measurement."""
-    saved = os.environ.get(_ENV)
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(_ENV, None)
-        else:
-            os.environ[_ENV] = saved
+    return KERNEL.describe("dropout masks", "eager torch ops")
 
 
 def library_path() -> Path:
-    from timemae_dist.mkl_avx512 import cache_dir
-
-    digest = hashlib.sha256(_SOURCE.encode()).hexdigest()[:12]
-    return cache_dir() / f"libtimemae_dropout-{digest}.so"
+    return KERNEL.library_path()
 
 
 def build() -> Path:
     """Build the kernel library once (atomically: a half-written file is never left in place)."""
-    from timemae_dist.mkl_avx512 import _compiler
-
-    out = library_path()
-    if out.is_file():
-        return out
-    cc = _compiler()
-    if cc is None:
-        raise CpuDropoutError(
-            f"cpu_dropout: no C compiler (cc/gcc/clang, or $CC) to build {out.name}; "
-            f"install one (e.g. `apt-get install gcc`) or set {_ENV}=off"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
-        src = Path(tmp) / "dropout.c"
-        src.write_text(_SOURCE)
-        lib = Path(tmp) / out.name
-        proc = subprocess.run(
-            [*cc.split(), "-shared", "-fPIC", "-O3", "-o", str(lib), str(src)],
-            capture_output=True, text=True,
-        )
-        if proc.returncode != 0 or not lib.is_file():
-            raise CpuDropoutError(
-                f"cpu_dropout: building {out} with {cc!r} failed ({proc.stderr.strip()[-300:]}); "
-                f"fix the compiler or set {_ENV}=off"
-            )
-        os.replace(lib, out)
-    return out
-
-
-def _load() -> Optional[Callable]:
-    global _FN, _TRIED, _WHY
-    with _LOCK:
-        if _TRIED:
-            return _FN
-        _TRIED = True
-        try:
-            lib = ctypes.CDLL(str(build()))
-            fn = lib.timemae_keep_mask_f32
-        except (CpuDropoutError, OSError, AttributeError) as e:
-            _WHY = str(e)
-            return None
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32, ctypes.c_float]
-        fn.restype = None
-        _FN = fn
-        return _FN
+    return KERNEL.build()
 
 
 def available(m: Optional[str] = None) -> bool:
     """Whether the kernel is in use under mode ``m`` (default: the current ``TIMEMAE_CPU_DROPOUT``);
     builds it if needed. Under ``on`` an unavailable kernel raises :class:`CpuDropoutError`."""
-    m = mode() if m is None else m
-    if m == "off":
-        return False
-    fn = _load()
-    if fn is None and m == "on":
-        raise CpuDropoutError(f"{_ENV}=on but the C dropout kernel is unavailable: {_WHY}")
-    return fn is not None
+    return KERNEL.available(m)
 
 
-_WARNED = False
+@contextlib.contextmanager
+def env_restored() -> Iterator[None]:
+    """The CPU kernels' switches (``$TIMEMAE_CPU_DROPOUT``, ``$TIMEMAE_CPU_FUSED``) as they were
+    on entry, again on exit (set or unset): for code that switches them for one run or one
+    measurement."""
+    names = (_ENV, "TIMEMAE_CPU_FUSED")
+    saved = {n: os.environ.get(n) for n in names}
+    try:
+        yield
+    finally:
+        for n, v in saved.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
 
 
 def keep_mask_f32(like: torch.Tensor, thr: int, scale: float) -> Optional[torch.Tensor]:
     """The mask for a float32 CPU tensor ``like``, or None where the eager path must be used."""
-    global _WARNED
-    fn = _FN
-    if fn is None or os.environ.get(_ENV):
-        if not available():
-            if not _WARNED and _WHY and mode() == "auto":
-                _WARNED = True
-                warnings.warn(f"cpu_dropout: using the eager dropout mask ({_WHY})", RuntimeWarning, stacklevel=3)
-            return None
-        fn = _FN
+    if not KERNEL.usable("the eager dropout mask"):
+        return None
     out = torch.empty(like.shape, dtype=torch.float32)
     seed = torch.empty(1, dtype=torch.int64).random_()
-    fn(out.data_ptr(), out.numel(), seed.data_ptr(), int(thr), float(scale))
+    KERNEL.lib.timemae_keep_mask_f32(out.data_ptr(), out.numel(), seed.data_ptr(), int(thr), float(scale))
     return out

@@ -29,7 +29,13 @@ CPU speed (same math, same parameters and state-dict keys; see benchmarks/bench_
 * self-attention projects q, k and v with one matmul (weights concatenated on the fly; the
   cross-attention fuses k and v); attention scores are built transposed, ``(B, H, K, Q)``, so
   the softmax runs over a non-innermost dimension: CPU softmax over a tiny innermost dimension
-  (K = 7..16 windows here) is ~8x slower than over an outer one.
+  (K = 7..16 windows here) is ~8x slower than over an outer one;
+* on CPUs with AVX-512, float32 attention over at most 16 keys (TimeMAE's 7-16 windows) runs its
+  core (scores, softmax, dropout of the probabilities, weighted sum, and the backward of all
+  four) in one C kernel reading the heads straight from the projections, and the post-LN
+  residual ``norm(x + dropout(a * y))`` in another (:mod:`timemae_dist.kernels.cpu_fused`; same
+  equations; the residual draws the same dropout masks as the C dropout kernel, the attention
+  its own; ``trainer.cpu_fused``).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timemae_dist.kernels import cpu_dropout
+from timemae_dist.kernels import cpu_dropout, cpu_fused
 
 __all__ = [
     "MultiHeadAttention",
@@ -122,7 +128,21 @@ class MultiHeadAttention(nn.Module):
         q_BHQD = self.q_proj(q_BQD).view(B, Q, H, Dh).transpose(1, 2)
         return q_BHQD, kv_2BHKD[0], kv_2BHKD[1]
 
+    def _fused_core(self, q_BQD: torch.Tensor, kv_BKD: torch.Tensor) -> torch.Tensor:
+        """The attention output before ``out_proj``, ``(B, Q, D)``, from the fused CPU kernel, which
+        reads the heads straight from the q|k|v (or q and k|v) projections."""
+        p, training = self.dropout, self.training
+        if q_BQD is kv_BKD:
+            w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+            b = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+            return cpu_fused.attention_core(F.linear(q_BQD, w, b), None, self.num_heads, p, training)
+        w = torch.cat([self.k_proj.weight, self.v_proj.weight])
+        b = torch.cat([self.k_proj.bias, self.v_proj.bias])
+        return cpu_fused.attention_core(self.q_proj(q_BQD), F.linear(kv_BKD, w, b), self.num_heads, p, training)
+
     def forward(self, q_BQD: torch.Tensor, kv_BKD: torch.Tensor) -> torch.Tensor:
+        if cpu_fused.applies(q_BQD, kv_BKD.shape[1], self.head_dim):
+            return self.out_proj(self._fused_core(q_BQD, kv_BKD))
         q, k, v = self._project(q_BQD, kv_BKD)
         # Scores transposed, (B, H, K, Q): the softmax over keys is then over dim -2 (fast on CPU).
         s_BHKQ = torch.matmul(k, q.transpose(-2, -1)).mul_(self.head_dim**-0.5)
@@ -160,6 +180,8 @@ class ResidualNorm(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor, y_dropout: float = 0.0) -> torch.Tensor:
         """``y_dropout``: a dropout ``y`` still owes (applied first); merged with this one's mask."""
         keep = (1.0 - y_dropout) * (1.0 - self.dropout.p) if self.training else 1.0
+        if cpu_fused.applies_residual(x, y):
+            return cpu_fused.residual_norm(x, y, self.a, self.norm, 1.0 - keep)
         if keep < 1.0:
             scale = keep_mask(y, 1.0 - keep)
             scale = scale if self.a is None else scale * self.a

@@ -53,18 +53,22 @@ def build_loader(cfg: PretrainConfig, rank: int, world_size: int):
     )
 
 
-def dropout_mode(cfg: PretrainConfig) -> str:
-    """The dropout-mask mode of a run: ``$TIMEMAE_CPU_DROPOUT`` where set, else
-    ``trainer.cpu_dropout``. ``on`` where the kernel cannot be built here fails now, before
-    anything starts (Ray workers on other nodes that cannot build it fail in their first
-    forward with the same message)."""
-    from timemae_dist.kernels import cpu_dropout
+def kernel_env(cfg: PretrainConfig) -> dict[str, str]:
+    """The CPU kernels' switches for a run, ``{env var: mode}``: ``$TIMEMAE_CPU_DROPOUT`` /
+    ``$TIMEMAE_CPU_FUSED`` where set, else ``trainer.cpu_dropout`` / ``trainer.cpu_fused``.
+    ``on`` where a kernel cannot be built or run here fails now, before anything starts (Ray
+    workers on other nodes that cannot fail in their first forward with the same message)."""
+    from timemae_dist.kernels import cpu_dropout, cpu_fused
     from timemae_dist.train.errors import PretrainError
 
-    try:
-        mode = cpu_dropout.effective_mode(cfg.trainer.cpu_dropout)
-        if mode == "on" and not cfg.trainer.use_gpu:
-            cpu_dropout.available("on")  # raises where it cannot be built
-    except cpu_dropout.CpuDropoutError as e:
-        raise PretrainError(f"trainer.cpu_dropout: {e}; set trainer.cpu_dropout=auto (eager fallback) or off") from None
-    return mode
+    env = {}
+    for key, module in (("cpu_dropout", cpu_dropout), ("cpu_fused", cpu_fused)):
+        kernel = module.KERNEL
+        try:
+            mode = kernel.effective_mode(getattr(cfg.trainer, key), f"trainer.{key}")
+            if mode == "on" and not cfg.trainer.use_gpu:
+                kernel.available("on")  # raises where it cannot be built
+        except kernel.error as e:
+            raise PretrainError(f"trainer.{key}: {e}; set trainer.{key}=auto (eager fallback) or off") from None
+        env[kernel.env] = mode
+    return env

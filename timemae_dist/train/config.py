@@ -78,6 +78,14 @@ class TrainerSection:
         "timemae_dist/kernels/cpu_dropout.py); auto = where it builds, on = error where it cannot, "
         "off = torch's eager ops; $TIMEMAE_CPU_DROPOUT, where set, wins",
     )
+    cpu_fused: Literal["auto", "on", "off"] = option(
+        "auto",
+        "fused CPU kernels: the attention core (scores, softmax, dropout, weighted sum) and the post-LN "
+        "residual (dropout, scale, add, LayerNorm), forward and backward, one C pass each (AVX-512; "
+        "see timemae_dist/kernels/cpu_fused.py for the shapes they take); auto = where they build and "
+        "apply, on = error where they cannot build, off = torch's eager ops; $TIMEMAE_CPU_FUSED, where "
+        "set, wins",
+    )
 
     def validate(self) -> None:
         for name in ("num_workers", "cpus_per_worker", "micro_batch_size", "grad_accum", "epochs"):

@@ -47,9 +47,9 @@ def run_distributed(cfg: PretrainConfig, address: Optional[str] = None) -> dict[
     already initialised is left alone.
     """
     cfg, plan = resolve(cfg)  # bad store / shapes / batch sizes fail here, before Ray starts
-    from timemae_dist.train.build import dropout_mode
+    from timemae_dist.train.build import kernel_env
 
-    drop = dropout_mode(cfg)  # trainer.cpu_dropout=on that cannot apply fails here
+    kernels = kernel_env(cfg)  # trainer.cpu_dropout / cpu_fused=on that cannot apply fails here
     run_dir = cfg.run.run_dir
     latest = find_latest_checkpoint(run_dir)
     if latest is not None:  # another architecture / engine / world size fails here, before Ray starts
@@ -93,7 +93,7 @@ def run_distributed(cfg: PretrainConfig, address: Optional[str] = None) -> dict[
             # preloads it): workers of an embedded Ray would inherit it, so pass LD_PRELOAD without it
             worker_env = {"LD_PRELOAD": preload_without_shim()}
         print(f"workers: {note}", flush=True)
-        worker_env = {**worker_env, "TIMEMAE_CPU_DROPOUT": drop}
+        worker_env = {**worker_env, **kernels}
 
     trainer = TorchTrainer(
         train_loop_per_worker,

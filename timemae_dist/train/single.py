@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from timemae_dist.train.build import build_loader, build_model, dropout_mode, rank_seed, seed_all
+from timemae_dist.train.build import build_loader, build_model, kernel_env, rank_seed, seed_all
 from timemae_dist.train.checkpoint import (
     check_resumable, checkpoint_name, find_latest_checkpoint, load_checkpoint, save_checkpoint,
 )
@@ -30,7 +30,7 @@ def _prune(run_dir: Path, keep: int) -> None:
 
 def run_single(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretrain in this process; returns the summary (steps, windows_per_s, final_loss, checkpoint)."""
-    # trainer.cpu_dropout applies for this run only: $TIMEMAE_CPU_DROPOUT is restored afterwards
+    # trainer.cpu_dropout / cpu_fused apply for this run only: their variables are restored afterwards
     from timemae_dist.kernels.cpu_dropout import env_restored
 
     with env_restored():
@@ -57,10 +57,11 @@ def _run_single(cfg: PretrainConfig) -> dict[str, Any]:
     from timemae_dist.mkl_avx512 import describe
 
     print(describe(), flush=True)  # which fp32 GEMM path this process runs
-    from timemae_dist.kernels import cpu_dropout
+    from timemae_dist.kernels import cpu_dropout, cpu_fused
 
-    os.environ["TIMEMAE_CPU_DROPOUT"] = dropout_mode(cfg)
+    os.environ.update(kernel_env(cfg))
     print(cpu_dropout.describe(), flush=True)  # which dropout-mask path
+    print(cpu_fused.describe(cfg.model), flush=True)  # which fused-kernel path (and what this model fits)
     model = build_model(cfg)
     target = model.detach_target_encoder()
     loader = build_loader(cfg, 0, 1)

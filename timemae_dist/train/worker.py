@@ -119,10 +119,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # rank 0 says which GEMM path it runs; every rank warns if its node lacks the shim it should have
         if rank == 0 or (cfg.trainer.mkl_avx512 != "off" and st["applies"] and not st["loaded"]):
             console(f"rank {rank}: {describe(st)}")
-        from timemae_dist.kernels import cpu_dropout
+        from timemae_dist.kernels import cpu_dropout, cpu_fused
 
         if rank == 0:
             console(f"rank {rank}: {cpu_dropout.describe()}")
+            console(f"rank {rank}: {cpu_fused.describe(cfg.model)}")
     if not dist.is_initialized():  # Ray sets the group up for world_size > 1 only in some versions
         dist.init_process_group("nccl" if cfg.trainer.use_gpu else "gloo", rank=rank, world_size=world)
 

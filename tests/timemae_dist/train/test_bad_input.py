@@ -62,9 +62,10 @@ def test_too_many_workers_fails_fast(ray_local, tiny_store, tmp_path):
     assert not (tmp_path / "big" / "pids").exists()  # no worker ever started
 
 
-def test_cpu_dropout_on_without_a_compiler_fails_before_ray(tiny_store, tmp_path):
-    """trainer.cpu_dropout=on where the kernel cannot be built: one line naming the option and the
-    fix, before Ray starts (no run directory)."""
+@pytest.mark.parametrize("key", ["cpu_dropout", "cpu_fused"])
+def test_cpu_kernel_on_without_a_compiler_fails_before_ray(tiny_store, tmp_path, key):
+    """trainer.cpu_dropout=on / trainer.cpu_fused=on where the kernel cannot be built: one line
+    naming the option and the fix, before Ray starts (no run directory)."""
     import os
     import subprocess
     import sys
@@ -72,17 +73,17 @@ def test_cpu_dropout_on_without_a_compiler_fails_before_ray(tiny_store, tmp_path
     empty = tmp_path / "bin"
     empty.mkdir()
     env = {**os.environ, "PATH": str(empty), "TIMEMAE_CACHE_DIR": str(tmp_path / "cache")}
-    for var in ("CC", "TIMEMAE_CPU_DROPOUT", "RAY_ADDRESS"):
+    for var in ("CC", "TIMEMAE_CPU_DROPOUT", "TIMEMAE_CPU_FUSED", "RAY_ADDRESS"):
         env.pop(var, None)
     proc = subprocess.run(
         [sys.executable, "-m", "launch.pretrain", str(TINY_CONFIG),
-         *tiny_overrides(tiny_store, tmp_path, "nocc", "trainer.cpu_dropout=on")],
+         *tiny_overrides(tiny_store, tmp_path, "nocc", f"trainer.{key}=on")],
         env=env, capture_output=True, text=True, timeout=120, cwd=str(TINY_CONFIG.parents[2]),
     )
     err = proc.stderr.strip()
     assert proc.returncode == 2, proc.stdout[-2000:] + err[-2000:]
     assert len(err.splitlines()) == 1, err
-    assert "trainer.cpu_dropout" in err and "no C compiler" in err and "trainer.cpu_dropout=auto" in err, err
+    assert f"trainer.{key}" in err and "no C compiler" in err and f"trainer.{key}=auto" in err, err
     assert not (tmp_path / "nocc").exists()
 
 

@@ -147,6 +147,39 @@ def test_cpu_dropout_option_switches_the_mask_path_for_the_run(tiny_store, tmp_p
     assert "eager torch ops" in capsys.readouterr().out and os.environ["TIMEMAE_CPU_DROPOUT"] == "off"
 
 
+def test_cpu_fused_option_switches_the_fused_kernels_for_the_run(tiny_store, tmp_path, capsys, monkeypatch):
+    """trainer.cpu_fused picks the fused kernels or the eager ops for this run only (the log says
+    which, and when the model's heads do not fit the attention kernel); both train, and the
+    environment variable, where set, wins."""
+    from timemae_dist.kernels import cpu_fused
+
+    monkeypatch.delenv("TIMEMAE_CPU_FUSED", raising=False)
+    fused = cpu_fused.available("auto")
+    for mode in ("on", "off"):
+        if mode == "on" and not fused:
+            continue
+        over = tiny_overrides(tiny_store, tmp_path, f"attn_{mode}", "trainer.max_steps=3", "run.checkpoint_every=0",
+                              "run.eval_every=0", f"trainer.cpu_fused={mode}", "model.d_model=32")  # 16-wide heads
+        assert math.isfinite(run_single(load_pretrain_config(TINY_CONFIG, over))["final_loss"])
+        out = capsys.readouterr().out
+        label = "fused CPU kernels (attention core, residual LayerNorm)"
+        want = f"{label}: C kernel" if mode == "on" else f"{label}: eager torch ops"
+        assert want in out, out
+        assert "TIMEMAE_CPU_FUSED" not in os.environ  # restored after the run
+    monkeypatch.setenv("TIMEMAE_CPU_FUSED", "off")
+    over = tiny_overrides(tiny_store, tmp_path, "attn_env", "trainer.max_steps=1", "run.checkpoint_every=0",
+                          "run.eval_every=0", "trainer.cpu_fused=on")
+    run_single(load_pretrain_config(TINY_CONFIG, over))
+    assert "residual LayerNorm): eager torch ops (TIMEMAE_CPU_FUSED=off)" in capsys.readouterr().out
+    assert os.environ["TIMEMAE_CPU_FUSED"] == "off"
+    if fused:  # the tiny model's 8-wide heads: the log says the kernel does not take them
+        monkeypatch.delenv("TIMEMAE_CPU_FUSED")
+        over = tiny_overrides(tiny_store, tmp_path, "attn_narrow", "trainer.max_steps=1", "run.checkpoint_every=0",
+                              "run.eval_every=0")
+        run_single(load_pretrain_config(TINY_CONFIG, over))
+        assert "this model: attention eager (heads 8 wide" in capsys.readouterr().out
+
+
 def test_a_diverged_run_stops_with_one_error_and_keeps_its_good_checkpoints(tiny_store, tmp_path):
     """A non-finite loss (here forced with an absurd loss weight after a good start) stops the run
     at the first logging/checkpoint step that sees it, before anything non-finite is saved; the

@@ -1,0 +1,556 @@
+"""Fused CPU kernels for TimeMAE's blocks: the attention core and the post-LN residual, each one
+C pass forward and one backward (AVX-512 intrinsics, OpenMP).
+
+TimeMAE's tensors are small (B=128 windows x 7-9 tokens x d_model 64 on HAPT-HAR), so outside the
+GEMMs a pretraining step is dozens of element-wise passes, copies and allocations per block.
+These kernels fold the two largest groups into one pass each.
+
+**Attention core.** Each (batch, head) pair is a 7x7 or 9x7 problem with 16-wide heads. Eager
+PyTorch spends ~1 ms per layer (forward + backward, 2 cores) on it: the head permutes are
+copied, the score and weighted-sum ``bmm`` calls run 512 tiny matrices each, and the softmax,
+its dropout and their backward are separate passes. The kernel reads q, k and v straight from
+the projection's output, ``(B, N, 3, H, Dh)`` for self-attention (one ``q|k|v`` matmul) or
+``(B, Q, H, Dh)`` and ``(B, K, 2, H, Dh)`` for the regressor's cross-attention, holds a query
+row's scores over the keys in one 16-lane vector (keys padded and masked), and writes the
+output in ``(B, Q, H * Dh)`` order, ready for the output projection; the backward writes dq, dk
+and dv into one buffer laid out like the projection's output. Equations as
+:class:`timemae_dist.model.layers.MultiHeadAttention`'s eager path: ``P = softmax(q k^T /
+sqrt(Dh))`` over keys, ``o = (P * mask) v``, ``mask`` the inverted-dropout mask of the
+probabilities: the one :func:`timemae_dist.kernels.cpu_dropout.keep_mask_f32` writes for a
+``(B, H, Q, K)`` tensor with the same seed. ``exp`` is a Cephes-style polynomial (~1e-7
+relative error) scaled with ``vscalefps``. P and the mask are saved for the backward (B*H*Q*K
+floats each).
+
+**Residual LayerNorm.** ``LayerNorm(x + a * mask * y)`` (``ResidualNorm``: the learnable scalar
+``a``, the merged feed-forward + residual dropout mask) per row, and its backward (dx, dy, da,
+dweight, dbias; the mask regenerated from its seed instead of stored). The mask is the one
+``keep_mask(y, p)`` draws through the C dropout kernel (same seed draw, same stream), so a run
+with the fused residual draws the same masks as one without.
+
+Both: one seed per call from one ``random_()`` draw of torch's default generator (so
+``torch.manual_seed`` and checkpointed RNG states determine the masks); OpenMP loops on torch's
+own OpenMP runtime (the library links ``libgomp.so.1`` by soname, which resolves to the copy
+torch has already loaded: one thread pool, no second set of spinning threads); each task's
+arithmetic in a fixed order and the parameter-gradient sums over fixed row chunks, so results
+do not depend on the thread count.
+
+Where they apply: float32 CPU tensors, no autocast, a CPU with AVX-512 (F, DQ, BW, VL);
+attention with at most :data:`MAX_KEYS` keys, :data:`MAX_QUERIES` queries and heads
+:data:`HEAD_DIMS` wide; residuals of width a multiple of 16 up to :data:`MAX_WIDTH`. Elsewhere
+(GPU, bf16/fp16, long sequences, narrow heads, CPUs without AVX-512) the model runs the eager
+ops. ``TIMEMAE_CPU_FUSED`` / ``trainer.cpu_fused``: ``auto`` (default) uses the kernels where they
+build and apply, ``on`` raises where they cannot build, ``off`` always runs the eager ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from timemae_dist.kernels.ckernel import CKernel, CKernelError
+
+__all__ = ["CpuFusedError", "KERNEL", "MAX_KEYS", "MAX_QUERIES", "HEAD_DIMS", "MAX_WIDTH", "mode", "effective_mode",
+           "available", "describe", "applies", "attention_core", "applies_residual", "residual_norm",
+           "library_path", "build"]
+
+_ENV = "TIMEMAE_CPU_FUSED"
+MAX_KEYS = 16  # the keys are the lanes of one AVX-512 vector
+MAX_QUERIES = 64
+HEAD_DIMS = (16, 32, 48, 64)
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include <immintrin.h>
+#define GOLDEN 0x9E3779B97F4A7C15ull
+#define AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma")))
+
+static inline uint64_t splitmix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* 1 where this CPU runs the kernels (AVX-512 F/DQ/BW/VL), else 0 */
+int timemae_attn_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+}
+
+/* exp(x) lane-wise (Cephes expf polynomial on |r| <= ln2/2, 2^n by scalef); x >= -87.3 expected */
+AVX512 static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Dropout mask values of flat elements start .. start + n - 1, as timemae_keep_mask_f32 writes
+   them (one SplitMix64 output per 4 elements; branch-free, so the compiler vectorises it). */
+AVX512 static inline void keep_block(float *m, uint64_t seed, uint64_t start, int64_t n, int32_t thr, float scale) {
+    for (int64_t t = 0; t < n; ++t) {
+        const uint64_t i = start + (uint64_t)t;
+        const uint64_t z = splitmix64(seed + ((i >> 2) + 1) * GOLDEN);
+        m[t] = (int32_t)((z >> ((i & 3) * 16)) & 0x7fff) < thr ? scale : 0.0f;
+    }
+}
+
+/* One (batch, head) pair: keys are the 16 lanes of a vector (K <= 16, lanes >= K masked), the
+   head dimension Dh = 16 * C runs in C vectors. q/k/v rows: qh + i * qrs etc.; out rows: ob + i * D. */
+AVX512 static void fwd_task(const float *qh, int64_t qrs, const float *kh, int64_t krs, const float *vh,
+                            int64_t vrs, int64_t bh, int64_t Q, int64_t K, int64_t C, float scale, int32_t thr,
+                            float dscale, uint64_t seed, float *ob, int64_t D, float *P, float *M) {
+    const __mmask16 km = (__mmask16)((1u << K) - 1u);
+    const int64_t Dh = 16 * C;
+    float kT[64 * 16] __attribute__((aligned(64)));
+    for (int64_t j = 0; j < 16; ++j)
+        for (int64_t d = 0; d < Dh; ++d) kT[d * 16 + j] = j < K ? kh[j * krs + d] : 0.0f;
+    float pd[16] __attribute__((aligned(64))), mt[64 * 16];  /* Q <= 64 */
+    if (thr > 0) keep_block(mt, seed, (uint64_t)(bh * Q * K), Q * K, thr, dscale);
+    for (int64_t i = 0; i < Q; ++i) {
+        const float *qrow = qh + i * qrs;
+        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+        for (int64_t d = 0; d < Dh; d += 2) {
+            s0 = _mm512_fmadd_ps(_mm512_set1_ps(qrow[d]), _mm512_load_ps(kT + d * 16), s0);
+            s1 = _mm512_fmadd_ps(_mm512_set1_ps(qrow[d + 1]), _mm512_load_ps(kT + (d + 1) * 16), s1);
+        }
+        __m512 s = _mm512_mul_ps(_mm512_add_ps(s0, s1), _mm512_set1_ps(scale));
+        const float mx = _mm512_mask_reduce_max_ps(km, s);
+        __m512 e = _mm512_maskz_mov_ps(km, exp16(_mm512_sub_ps(s, _mm512_set1_ps(mx))));
+        const __m512 p = _mm512_mul_ps(e, _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(e)));
+        const int64_t base = (bh * Q + i) * K;
+        const __m512 mv = thr > 0 ? _mm512_maskz_loadu_ps(km, mt + i * K) : _mm512_set1_ps(1.0f);
+        if (P) {
+            _mm512_mask_storeu_ps(P + base, km, p);
+            _mm512_mask_storeu_ps(M + base, km, mv);
+        }
+        _mm512_store_ps(pd, _mm512_mul_ps(p, mv));
+        float *orow = ob + i * D;
+        for (int64_t c = 0; c < C; ++c) {
+            __m512 o = _mm512_setzero_ps();
+            for (int64_t j = 0; j < K; ++j)
+                o = _mm512_fmadd_ps(_mm512_set1_ps(pd[j]), _mm512_loadu_ps(vh + j * vrs + 16 * c), o);
+            _mm512_storeu_ps(orow + 16 * c, o);
+        }
+    }
+}
+
+/* The attention core over all (batch, head) pairs. q/k/v: element (b, n, h, d) at
+   base + b*bs + n*rs + h*Dh + d; out (B, Q, H*Dh) contiguous; P, M (B, H, Q, K) saved when
+   not NULL. thr <= 0: no dropout. Requires K <= 16, Q <= 64, Dh in {16, 32, 48, 64}, AVX-512. */
+AVX512 void timemae_attn_fwd(const float *q, int64_t qbs, int64_t qrs, const float *k, int64_t kbs, int64_t krs,
+                             const float *v, int64_t vbs, int64_t vrs, int64_t B, int64_t H, int64_t Q, int64_t K,
+                             int64_t Dh, float scale, int32_t thr, float dscale, const int64_t *seed_ptr,
+                             float *out, float *P, float *M, int32_t nthreads) {
+    const uint64_t seed = thr > 0 ? (uint64_t)seed_ptr[0] : 0;
+    const int64_t D = H * Dh;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+        const int64_t b = bh / H, h = bh % H;
+        fwd_task(q + b * qbs + h * Dh, qrs, k + b * kbs + h * Dh, krs, v + b * vbs + h * Dh, vrs, bh, Q, K,
+                 Dh / 16, scale, thr, dscale, seed, out + b * Q * D + h * Dh, D, P, M);
+    }
+}
+
+/* Backward of one (batch, head) pair; every element of its dq/dk/dv slices is written. */
+AVX512 static void bwd_task(const float *gb, int64_t D, const float *qh, int64_t qrs, const float *kh,
+                            int64_t krs, const float *vh, int64_t vrs, const float *P, const float *M, int64_t bh,
+                            int64_t Q, int64_t K, int64_t C, float scale, float *dqh, int64_t dqrs, float *dkh,
+                            int64_t dkrs, float *dvh, int64_t dvrs) {
+    const __mmask16 km = (__mmask16)((1u << K) - 1u);
+    const int64_t Dh = 16 * C;
+    float vT[64 * 16] __attribute__((aligned(64)));
+    float dk[16 * 64] __attribute__((aligned(64))), dv[16 * 64] __attribute__((aligned(64)));
+    for (int64_t j = 0; j < 16; ++j)
+        for (int64_t d = 0; d < Dh; ++d) vT[d * 16 + j] = j < K ? vh[j * vrs + d] : 0.0f;
+    memset(dk, 0, sizeof(float) * K * Dh);
+    memset(dv, 0, sizeof(float) * K * Dh);
+    float pd[16] __attribute__((aligned(64))), g[16] __attribute__((aligned(64)));
+    for (int64_t i = 0; i < Q; ++i) {
+        const float *grow = gb + i * D, *qrow = qh + i * qrs;
+        const int64_t base = (bh * Q + i) * K;
+        const __m512 p = _mm512_maskz_loadu_ps(km, P + base), m = _mm512_maskz_loadu_ps(km, M + base);
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (int64_t d = 0; d < Dh; d += 2) {
+            a0 = _mm512_fmadd_ps(_mm512_set1_ps(grow[d]), _mm512_load_ps(vT + d * 16), a0);
+            a1 = _mm512_fmadd_ps(_mm512_set1_ps(grow[d + 1]), _mm512_load_ps(vT + (d + 1) * 16), a1);
+        }
+        const __m512 dp = _mm512_mul_ps(_mm512_add_ps(a0, a1), m);                 /* dL/dP */
+        const float dot = _mm512_reduce_add_ps(_mm512_mul_ps(dp, p));              /* sum_k P dL/dP */
+        _mm512_store_ps(g, _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(dp, _mm512_set1_ps(dot))),
+                                         _mm512_set1_ps(scale)));                  /* dL/d(q.k) */
+        _mm512_store_ps(pd, _mm512_mul_ps(p, m));
+        for (int64_t c = 0; c < C; ++c) {
+            const __m512 gc = _mm512_loadu_ps(grow + 16 * c), qc = _mm512_loadu_ps(qrow + 16 * c);
+            __m512 dq = _mm512_setzero_ps();
+            for (int64_t j = 0; j < K; ++j) {
+                const __m512 gj = _mm512_set1_ps(g[j]);
+                float *dvj = dv + j * Dh + 16 * c, *dkj = dk + j * Dh + 16 * c;
+                _mm512_store_ps(dvj, _mm512_fmadd_ps(_mm512_set1_ps(pd[j]), gc, _mm512_load_ps(dvj)));
+                _mm512_store_ps(dkj, _mm512_fmadd_ps(gj, qc, _mm512_load_ps(dkj)));
+                dq = _mm512_fmadd_ps(gj, _mm512_loadu_ps(kh + j * krs + 16 * c), dq);
+            }
+            _mm512_storeu_ps(dqh + i * dqrs + 16 * c, dq);
+        }
+    }
+    for (int64_t j = 0; j < K; ++j)
+        for (int64_t c = 0; c < C; ++c) {
+            _mm512_storeu_ps(dkh + j * dkrs + 16 * c, _mm512_load_ps(dk + j * Dh + 16 * c));
+            _mm512_storeu_ps(dvh + j * dvrs + 16 * c, _mm512_load_ps(dv + j * Dh + 16 * c));
+        }
+}
+
+/* Gradients of timemae_attn_fwd. go: (B, Q, H*Dh) contiguous. dq/dk/dv laid out as q/k/v
+   (their own base, batch and row strides). */
+AVX512 void timemae_attn_bwd(const float *go, const float *q, int64_t qbs, int64_t qrs, const float *k,
+                             int64_t kbs, int64_t krs, const float *v, int64_t vbs, int64_t vrs, const float *P,
+                             const float *M, int64_t B, int64_t H, int64_t Q, int64_t K, int64_t Dh, float scale,
+                             float *dq, int64_t dqbs, int64_t dqrs, float *dk, int64_t dkbs, int64_t dkrs,
+                             float *dv, int64_t dvbs, int64_t dvrs, int32_t nthreads) {
+    const int64_t D = H * Dh;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+        const int64_t b = bh / H, h = bh % H;
+        bwd_task(go + b * Q * D + h * Dh, D, q + b * qbs + h * Dh, qrs, k + b * kbs + h * Dh, krs,
+                 v + b * vbs + h * Dh, vrs, P, M, bh, Q, K, Dh / 16, scale, dq + b * dqbs + h * Dh, dqrs,
+                 dk + b * dkbs + h * Dh, dkrs, dv + b * dvbs + h * Dh, dvrs);
+    }
+}
+
+/* Post-LN residual: out = LayerNorm(x + a * m * y) over rows of D, m the inverted-dropout mask
+   of flat element n * D + d (as timemae_keep_mask_f32 writes it for a (N, D) tensor), and its
+   backward. D a multiple of 16, <= 1024. */
+#define MAX_D 1024
+
+AVX512 static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+/* z (N, D) saved for the backward when not NULL (else out holds it in between). */
+AVX512 void timemae_resnorm_fwd(const float *x, const float *y, int64_t N, int64_t D, float a, int32_t thr,
+                                float dscale, const int64_t *seed_ptr, const float *gamma, const float *beta,
+                                float eps, float *out, float *z, float *mean, float *rstd, int32_t nthreads) {
+    const uint64_t seed = thr > 0 ? (uint64_t)seed_ptr[0] : 0;
+    const float invD = 1.0f / (float)D;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; ++n) {
+        float m[MAX_D] __attribute__((aligned(64)));
+        if (thr > 0) keep_block(m, seed, (uint64_t)(n * D), D, thr, dscale);
+        const float *xr = x + n * D, *yr = y + n * D;
+        float *zr = (z ? z : out) + n * D, *orow = out + n * D;
+        const __m512 av = _mm512_set1_ps(a);
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+            __m512 s = av;
+            if (thr > 0) s = _mm512_mul_ps(s, _mm512_load_ps(m + d));
+            const __m512 zv = _mm512_fmadd_ps(s, _mm512_loadu_ps(yr + d), _mm512_loadu_ps(xr + d));
+            _mm512_storeu_ps(zr + d, zv);
+            acc = _mm512_add_ps(acc, zv);
+        }
+        const float mu = hsum(acc) * invD;
+        const __m512 muv = _mm512_set1_ps(mu);
+        __m512 vacc = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+            const __m512 c = _mm512_sub_ps(_mm512_loadu_ps(zr + d), muv);
+            vacc = _mm512_fmadd_ps(c, c, vacc);
+        }
+        const float r = 1.0f / sqrtf(hsum(vacc) * invD + eps);
+        const __m512 rv = _mm512_set1_ps(r);
+        for (int64_t d = 0; d < D; d += 16) {
+            const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(zr + d), muv), rv);
+            _mm512_storeu_ps(orow + d, _mm512_fmadd_ps(xh, _mm512_loadu_ps(gamma + d), _mm512_loadu_ps(beta + d)));
+        }
+        if (mean) { mean[n] = mu; rstd[n] = r; }
+    }
+}
+
+/* Gradients: dx (= dz), dy = dz * a * m (NULL: not needed), and per chunk of `chunk` rows the
+   partial sums partial[c] = [dgamma (D), dbeta (D), da (1)], summed over chunks by the caller
+   (fixed chunks: the result does not depend on the thread count). */
+AVX512 void timemae_resnorm_bwd(const float *go, const float *z, const float *y, const float *mean,
+                                const float *rstd, const float *gamma, int64_t N, int64_t D, float a, int32_t thr,
+                                float dscale, const int64_t *seed_ptr, float *dx, float *dy, float *partial,
+                                int64_t chunk, int32_t nthreads) {
+    const uint64_t seed = thr > 0 ? (uint64_t)seed_ptr[0] : 0;
+    const float invD = 1.0f / (float)D;
+    const int64_t nchunks = (N + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t c = 0; c < nchunks; ++c) {
+        float m[MAX_D] __attribute__((aligned(64)));
+        float *pg = partial + c * (2 * D + 1), *pb = pg + D;
+        for (int64_t d = 0; d < 2 * D + 1; ++d) pg[d] = 0.0f;
+        __m512 da = _mm512_setzero_ps();
+        const __m512 av = _mm512_set1_ps(a);
+        const int64_t end = (c + 1) * chunk < N ? (c + 1) * chunk : N;
+        for (int64_t n = c * chunk; n < end; ++n) {
+            if (thr > 0) keep_block(m, seed, (uint64_t)(n * D), D, thr, dscale);
+            const float *gr = go + n * D, *zr = z + n * D, *yr = y + n * D;
+            const __m512 muv = _mm512_set1_ps(mean[n]), rv = _mm512_set1_ps(rstd[n]);
+            __m512 s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps();
+            for (int64_t d = 0; d < D; d += 16) {
+                const __m512 g = _mm512_loadu_ps(gr + d);
+                const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(zr + d), muv), rv);
+                const __m512 dxh = _mm512_mul_ps(g, _mm512_loadu_ps(gamma + d));
+                s1 = _mm512_add_ps(s1, dxh);
+                s2 = _mm512_fmadd_ps(dxh, xh, s2);
+                _mm512_storeu_ps(pg + d, _mm512_fmadd_ps(g, xh, _mm512_loadu_ps(pg + d)));
+                _mm512_storeu_ps(pb + d, _mm512_add_ps(g, _mm512_loadu_ps(pb + d)));
+            }
+            const __m512 m1 = _mm512_set1_ps(hsum(s1) * invD), m2 = _mm512_set1_ps(hsum(s2) * invD);
+            for (int64_t d = 0; d < D; d += 16) {
+                const __m512 g = _mm512_loadu_ps(gr + d);
+                const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(zr + d), muv), rv);
+                const __m512 dxh = _mm512_mul_ps(g, _mm512_loadu_ps(gamma + d));
+                const __m512 dz = _mm512_mul_ps(rv, _mm512_sub_ps(_mm512_sub_ps(dxh, m1), _mm512_mul_ps(xh, m2)));
+                _mm512_storeu_ps(dx + n * D + d, dz);
+                const __m512 mv = thr > 0 ? _mm512_load_ps(m + d) : _mm512_set1_ps(1.0f);
+                const __m512 dzm = _mm512_mul_ps(dz, mv);
+                if (dy) _mm512_storeu_ps(dy + n * D + d, _mm512_mul_ps(dzm, av));
+                da = _mm512_fmadd_ps(dzm, _mm512_loadu_ps(yr + d), da);
+            }
+        }
+        pg[2 * D] = hsum(da);
+    }
+}
+"""
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+class CpuFusedError(CKernelError):
+    """The fused CPU kernels were required (``TIMEMAE_CPU_FUSED=on``) and are unavailable."""
+
+
+def _setup(lib) -> None:
+    if not lib.timemae_attn_supported():
+        raise CpuFusedError("this CPU lacks AVX-512 (F, DQ, BW, VL), which the kernel is written for")
+    lib.timemae_attn_fwd.argtypes = [_P, _I, _I, _P, _I, _I, _P, _I, _I, _I, _I, _I, _I, _I, ctypes.c_float,
+                                     ctypes.c_int32, ctypes.c_float, _P, _P, _P, _P, ctypes.c_int32]
+    lib.timemae_attn_fwd.restype = None
+    lib.timemae_attn_bwd.argtypes = [_P, _P, _I, _I, _P, _I, _I, _P, _I, _I, _P, _P, _I, _I, _I, _I, _I,
+                                     ctypes.c_float, _P, _I, _I, _P, _I, _I, _P, _I, _I, ctypes.c_int32]
+    lib.timemae_attn_bwd.restype = None
+    lib.timemae_resnorm_fwd.argtypes = [_P, _P, _I, _I, ctypes.c_float, ctypes.c_int32, ctypes.c_float, _P, _P, _P,
+                                        ctypes.c_float, _P, _P, _P, _P, ctypes.c_int32]
+    lib.timemae_resnorm_fwd.restype = None
+    lib.timemae_resnorm_bwd.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, ctypes.c_float, ctypes.c_int32,
+                                        ctypes.c_float, _P, _P, _P, _P, _I, ctypes.c_int32]
+    lib.timemae_resnorm_bwd.restype = None
+
+
+# -fopenmp first (one thread pool: torch's libgomp, see the module docstring); without OpenMP the
+# kernels run on one thread.
+KERNEL = CKernel("fused", _ENV, _SOURCE, "fused CPU", setup=_setup,
+                 flag_sets=(["-fopenmp"], ["-fopenmp-simd"]), error=CpuFusedError)
+
+
+def mode() -> str:
+    return KERNEL.mode()
+
+
+def effective_mode(configured: str) -> str:
+    """The mode a run uses: ``$TIMEMAE_CPU_FUSED`` where set, else ``configured``
+    (``trainer.cpu_fused``). Raises :class:`CpuFusedError` naming a bad value."""
+    return KERNEL.effective_mode(configured, "trainer.cpu_fused")
+
+
+def available(m: Optional[str] = None) -> bool:
+    """Whether the kernel is in use under mode ``m`` (default: ``$TIMEMAE_CPU_FUSED``); builds it
+    if needed. Under ``on`` an unavailable kernel raises :class:`CpuFusedError`."""
+    return KERNEL.available(m)
+
+
+def describe(model_config=None) -> str:
+    """One line for logs: which path this process runs for the fused kernels, and why; with a
+    model config (:class:`timemae_dist.model.config.TimeMAEConfig`), which of them that model's
+    pretraining blocks fit (head width, visible windows as keys, masked ones as queries, width)."""
+    line = KERNEL.describe("fused CPU kernels (attention core, residual LayerNorm)", "eager torch ops")
+    if model_config is None or KERNEL.mode() == "off" or KERNEL.lib is None:
+        return line
+    head = model_config.d_model // model_config.num_heads
+    keys, queries = model_config.num_visible, model_config.num_masked
+    misfit = []
+    if not (head in HEAD_DIMS and keys <= MAX_KEYS and max(keys, queries) <= MAX_QUERIES):
+        misfit.append(f"attention eager (heads {head} wide, {keys} visible windows as keys, {queries} masked as "
+                      f"queries; the kernel takes heads {'/'.join(map(str, HEAD_DIMS))} wide, <= {MAX_KEYS} keys, "
+                      f"<= {MAX_QUERIES} queries)")
+    if model_config.d_model % 16 or model_config.d_model > MAX_WIDTH:
+        misfit.append(f"residual LayerNorm eager (d_model {model_config.d_model}; the kernel takes multiples of 16 "
+                      f"up to {MAX_WIDTH})")
+    return line if not misfit else f"{line}; this model: {'; '.join(misfit)}"
+
+
+def library_path() -> Path:
+    return KERNEL.library_path()
+
+
+def build() -> Path:
+    return KERNEL.build()
+
+
+def applies(x: torch.Tensor, num_keys: int, head_dim: int) -> bool:
+    """Whether an attention of input ``x`` over ``num_keys`` keys with ``head_dim``-wide heads runs
+    fused: float32 CPU tensors, no autocast, at most :data:`MAX_KEYS` keys, :data:`MAX_QUERIES`
+    queries and a head width in :data:`HEAD_DIMS`, the kernel available."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or num_keys > MAX_KEYS or head_dim not in HEAD_DIMS
+            or x.shape[1] > MAX_QUERIES or torch.is_autocast_enabled("cpu")):
+        return False
+    return KERNEL.usable("the eager attention")
+
+
+def _keep(p: float) -> tuple[int, float]:
+    from timemae_dist.model.layers import keep_threshold
+
+    thr = keep_threshold(p)
+    return thr, float((1 << 15) / thr)
+
+
+class _AttentionCore(torch.autograd.Function):
+    """``(q_src, kv_src)`` -> ``o`` (B, Q, H * Dh). ``kv_src is None``: ``q_src`` is the
+    self-attention's ``(B, N, 3 * D)`` q|k|v; else ``q_src`` (B, Q, D), ``kv_src`` (B, K, 2 * D)."""
+
+    @staticmethod
+    def forward(ctx, q_src, kv_src, num_heads: int, p: float, training: bool):
+        lib = KERNEL.lib
+        B = q_src.shape[0]
+        if kv_src is None:
+            D = q_src.shape[-1] // 3
+            Q = K = q_src.shape[1]
+            rows = (q_src, 3 * D, 0), (q_src, 3 * D, D), (q_src, 3 * D, 2 * D)
+        else:
+            D = q_src.shape[-1]
+            Q, K = q_src.shape[1], kv_src.shape[1]
+            rows = (q_src, D, 0), (kv_src, 2 * D, 0), (kv_src, 2 * D, D)
+        Dh = D // num_heads
+        dropout = training and p > 0.0
+        thr, dscale = _keep(p) if dropout else (0, 1.0)
+        seed = torch.empty(1, dtype=torch.int64).random_() if dropout else torch.zeros(1, dtype=torch.int64)
+        grad = any(ctx.needs_input_grad[:2])
+        out = torch.empty(B, Q, D, dtype=torch.float32)
+        P = torch.empty(B, num_heads, Q, K, dtype=torch.float32) if grad else None
+        M = torch.empty(B, num_heads, Q, K, dtype=torch.float32) if grad else None
+        args = []
+        for t, rs, off in rows:
+            args += [t.data_ptr() + 4 * off, t.stride(0), rs]
+        lib.timemae_attn_fwd(*args, B, num_heads, Q, K, Dh, Dh**-0.5, thr, dscale, seed.data_ptr(),
+                             out.data_ptr(), P.data_ptr() if grad else None, M.data_ptr() if grad else None,
+                             torch.get_num_threads())
+        if grad:
+            ctx.save_for_backward(q_src, kv_src, P, M)
+            ctx.meta = (num_heads, D, Q, K, kv_src is None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q_src, kv_src, P, M = ctx.saved_tensors
+        H, D, Q, K, is_self = ctx.meta
+        B = q_src.shape[0]
+        go = grad_out.contiguous()
+        if is_self:
+            gq = torch.empty_like(q_src)
+            src = ((q_src, 3 * D, 0), (q_src, 3 * D, D), (q_src, 3 * D, 2 * D))
+            dst = ((gq, 3 * D, 0), (gq, 3 * D, D), (gq, 3 * D, 2 * D))
+            gkv = None
+        else:
+            gq, gkv = torch.empty_like(q_src), torch.empty_like(kv_src)
+            src = ((q_src, D, 0), (kv_src, 2 * D, 0), (kv_src, 2 * D, D))
+            dst = ((gq, D, 0), (gkv, 2 * D, 0), (gkv, 2 * D, D))
+        a_src, a_dst = [], []
+        for t, rs, off in src:
+            a_src += [t.data_ptr() + 4 * off, t.stride(0), rs]
+        for t, rs, off in dst:
+            a_dst += [t.data_ptr() + 4 * off, t.stride(0), rs]
+        KERNEL.lib.timemae_attn_bwd(go.data_ptr(), *a_src, P.data_ptr(), M.data_ptr(), B, H, Q, K, D // H,
+                              (D // H) ** -0.5, *a_dst, torch.get_num_threads())
+        return gq, gkv, None, None, None
+
+
+def attention_core(q_src: torch.Tensor, kv_src: Optional[torch.Tensor], num_heads: int, p: float,
+                   training: bool) -> torch.Tensor:
+    """Fused attention core (see the module docstring); inputs must be contiguous float32 CPU
+    tensors and :func:`applies` true. ``kv_src=None``: self-attention on ``(B, N, 3 * D)``."""
+    q_src = q_src.contiguous()
+    kv_src = None if kv_src is None else kv_src.contiguous()
+    return _AttentionCore.apply(q_src, kv_src, num_heads, p, training)
+
+
+# --------------------------------------------------------------------------------------------
+# post-LN residual: LayerNorm(x + a * mask * y)
+
+MAX_WIDTH = 1024
+_CHUNK = 64  # rows per partial sum of the LayerNorm/scale gradients (fixed: thread-count independent)
+
+
+def applies_residual(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether ``LayerNorm(x + a * dropout(y))`` of these inputs runs fused: float32 CPU tensors of
+    one shape whose last dimension is a multiple of 16 up to :data:`MAX_WIDTH`, no autocast, the
+    kernel available."""
+    D = x.shape[-1]
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or y.dtype != torch.float32 or x.shape != y.shape
+            or D % 16 or D > MAX_WIDTH or torch.is_autocast_enabled("cpu")):
+        return False
+    return KERNEL.usable("the eager residual LayerNorm")
+
+
+class _ResidualNorm(torch.autograd.Function):
+    """``(x, y, a, weight, bias)`` -> ``LayerNorm(x + a * mask * y)``; ``a`` a (1,) parameter or
+    None (the constant 1); the mask regenerated from its seed in the backward (not stored)."""
+
+    @staticmethod
+    def forward(ctx, x, y, a, weight, bias, eps: float, p: float):
+        D = x.shape[-1]
+        N = x.numel() // D
+        dropout = p > 0.0
+        thr, dscale = _keep(p) if dropout else (0, 1.0)
+        seed = torch.empty(1, dtype=torch.int64).random_() if dropout else torch.zeros(1, dtype=torch.int64)
+        a_val = 1.0 if a is None else float(a)
+        grad = any(ctx.needs_input_grad[:5])
+        out = torch.empty_like(x)
+        z = torch.empty_like(x) if grad else None
+        mean = torch.empty(N, dtype=torch.float32) if grad else None
+        rstd = torch.empty(N, dtype=torch.float32) if grad else None
+        ptr = (lambda t: None if t is None else t.data_ptr())
+        KERNEL.lib.timemae_resnorm_fwd(x.data_ptr(), y.data_ptr(), N, D, a_val, thr, dscale, seed.data_ptr(),
+                                       weight.data_ptr(), bias.data_ptr(), eps, out.data_ptr(), ptr(z), ptr(mean),
+                                       ptr(rstd), torch.get_num_threads())
+        if grad:
+            ctx.save_for_backward(y, weight, z, mean, rstd, seed)
+            ctx.meta = (N, D, a_val, thr, dscale, a is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y, weight, z, mean, rstd, seed = ctx.saved_tensors
+        N, D, a_val, thr, dscale, has_a = ctx.meta
+        go = grad_out.contiguous()
+        dx = torch.empty_like(go)
+        dy = torch.empty_like(go) if ctx.needs_input_grad[1] else None
+        nchunks = (N + _CHUNK - 1) // _CHUNK
+        partial = torch.empty(nchunks, 2 * D + 1, dtype=torch.float32)
+        KERNEL.lib.timemae_resnorm_bwd(go.data_ptr(), z.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+                                       weight.data_ptr(), N, D, a_val, thr, dscale, seed.data_ptr(), dx.data_ptr(),
+                                       None if dy is None else dy.data_ptr(), partial.data_ptr(), _CHUNK,
+                                       torch.get_num_threads())
+        sums = partial.sum(0)
+        da = sums[2 * D:].clone() if has_a else None
+        return dx, dy, da, sums[:D].clone(), sums[D:2 * D].clone(), None, None
+
+
+def residual_norm(x: torch.Tensor, y: torch.Tensor, a: Optional[torch.Tensor], norm: torch.nn.LayerNorm,
+                  p: float) -> torch.Tensor:
+    """``norm(x + dropout(a * y, p))`` in one C pass each way (:func:`applies_residual` must hold);
+    the dropout mask is the one ``keep_mask(y, p)`` draws (same seed draw, same stream)."""
+    return _ResidualNorm.apply(x.contiguous(), y.contiguous(), a, norm.weight, norm.bias, float(norm.eps), float(p))
