@@ -30,7 +30,8 @@ ops (``TIMEMAE_CPU_FUSED=on|off``) at the HAR shapes, training mode, dropout 0.2
 calls: one ``MultiHeadAttention`` module (d_model 64, 4 heads, projections included), forward +
 backward of the encoder's self-attention (7 windows) and the regressor's cross-attention (9
 queries, 7 keys) and the target encoder's no-grad forward (9 windows); one ``ResidualNorm``
-(``norm(x + dropout(a * y))``, the feed-forward's merged masks) forward + backward at 7 windows.
+(``norm(x + dropout(a * y))``, the feed-forward's merged masks) forward + backward at 7 windows;
+GELU on the feed-forward's (1152, 256) hidden activations, forward and forward + backward.
 
 Prints which path ran, one table, and with ``--json`` a last line JSON object of the figures.
 The large CPU case needs ~12 GB of RAM (inputs + the unfused path's 7 GB peak) and takes
@@ -242,11 +243,19 @@ def fused_rows(iters: int = 300) -> list[dict]:
     x7, q9 = torch.randn(128, 7, 64, requires_grad=True), torch.randn(128, 9, 64, requires_grad=True)
     y7, g7 = torch.randn(128, 7, 64, requires_grad=True), torch.randn(128, 7, 64)
     x9 = torch.randn(128, 9, 64)
+    h, gh = torch.randn(1152, 256), torch.randn(1152, 256)
+    hg = h.clone().requires_grad_()
+
+    def ffn_act(t):  # what FeedForward.inner runs between its two Linear layers
+        return cpu_fused.gelu(t) if cpu_fused.applies_gelu(t) else torch.nn.functional.gelu(t)
+
     cases = {
         "attention self 7x7 fwd+bwd": lambda: m(x7, x7).sum().backward(),
         "attention cross 9x7 fwd+bwd": lambda: m(q9, x7).sum().backward(),
         "attention self 9x9 no-grad fwd": lambda: torch.no_grad()(m)(x9, x9),
         "residual LayerNorm 7 fwd+bwd": lambda: res_norm(x7, y7, 0.2).backward(g7),
+        "GELU 1152x256 fwd": lambda: torch.no_grad()(ffn_act)(h),
+        "GELU 1152x256 fwd+bwd": lambda: ffn_act(hg).backward(gh),
     }
     rows = []
     with cpu_dropout.env_restored():

@@ -278,6 +278,63 @@ def test_residual_norm_unsupported_inputs_take_the_eager_path(case, monkeypatch)
     assert r(x, torch.randn(4, D, dtype=dtype), 0.2).shape == (4, D)
 
 
+# ------------------------------------------------------------------------------------------ GELU
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 4095, 4097, 1152 * 256])
+def test_gelu_matches_torch_forward_and_backward(fused, n):
+    torch.manual_seed(11)
+    h = torch.randn(n) * 3
+    h[: min(n, 6)] = torch.tensor([0.0, -0.0, 9.0, -9.0, 30.0, -30.0])[: min(n, 6)]
+    h.requires_grad_()
+    r = h.detach().clone().requires_grad_()
+    g = torch.randn(n)
+    out = cpu_fused.gelu(h)
+    ref = torch.nn.functional.gelu(r)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-6)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(h.grad, r.grad, atol=2e-6, rtol=1e-6)
+
+
+def test_gelu_feed_forward_takes_the_kernel_and_threads_do_not_matter(fused, monkeypatch):
+    from timemae_dist.model.layers import FeedForward
+
+    torch.manual_seed(12)
+    ffn = FeedForward(64, 256, 0.2)
+    x = torch.randn(50, 7, 64, requires_grad=True)
+    out = ffn.inner(x)
+    assert any("_Gelu" in type(n).__name__ for n in _graph(out.grad_fn))
+    monkeypatch.setenv("TIMEMAE_CPU_FUSED", "off")
+    ref = ffn.inner(x)
+    assert not any("_Gelu" in type(n).__name__ for n in _graph(ref.grad_fn))
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    monkeypatch.setenv("TIMEMAE_CPU_FUSED", "on")
+    h = torch.randn(3, 5000)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(cpu_fused.gelu(h))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
+@pytest.mark.parametrize("case", ["float64", "bf16 autocast", "switched off"])
+def test_gelu_unsupported_inputs_take_torchs_path(case, monkeypatch):
+    monkeypatch.setenv("TIMEMAE_CPU_FUSED", "off" if case == "switched off" else "auto")
+    h = torch.randn(40, dtype=torch.float64 if case == "float64" else torch.float32)
+    if case == "bf16 autocast":
+        with torch.autocast("cpu", torch.bfloat16):
+            assert not cpu_fused.applies_gelu(h)
+    else:
+        assert not cpu_fused.applies_gelu(h)
+    monkeypatch.setenv("TIMEMAE_CPU_FUSED", "auto")
+    assert cpu_fused.applies_gelu(torch.randn(40))
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc (Linux)")
 def test_loading_the_library_adds_no_openmp_runtime():
     """The library links libgomp.so.1 by soname, so it shares torch's already-loaded runtime (one
@@ -323,7 +380,7 @@ def test_no_compiler_falls_back_or_fails_clearly(tmp_path):
     auto = _run(code, {**env, "TIMEMAE_CPU_FUSED": "auto"})
     assert auto.returncode == 0, auto.stderr
     assert "using the eager attention" in auto.stdout and "no C compiler" in auto.stdout
-    assert "fused CPU kernels (attention core, residual LayerNorm): eager torch ops (C kernel unavailable" in auto.stdout
+    assert "fused CPU kernels (attention core, residual LayerNorm, GELU): eager torch ops (C kernel unavailable" in auto.stdout
     on = _run(code, {**env, "TIMEMAE_CPU_FUSED": "on"})
     assert on.returncode != 0
     assert "TIMEMAE_CPU_FUSED=on" in on.stderr and "no C compiler" in on.stderr, on.stderr

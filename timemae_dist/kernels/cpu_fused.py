@@ -1,5 +1,5 @@
-"""Fused CPU kernels for TimeMAE's blocks: the attention core and the post-LN residual, each one
-C pass forward and one backward (AVX-512 intrinsics, OpenMP).
+"""Fused CPU kernels for TimeMAE's blocks: the attention core, the post-LN residual and GELU, each
+one C pass forward and one backward (AVX-512 intrinsics, OpenMP).
 
 TimeMAE's tensors are small (B=128 windows x 7-9 tokens x d_model 64 on HAPT-HAR), so outside the
 GEMMs a pretraining step is dozens of element-wise passes, copies and allocations per block.
@@ -27,6 +27,10 @@ dweight, dbias; the mask regenerated from its seed instead of stored). The mask 
 ``keep_mask(y, p)`` draws through the C dropout kernel (same seed draw, same stream), so a run
 with the fused residual draws the same masks as one without.
 
+**GELU.** The exact form ``x * Phi(x)`` (as ``F.gelu``) with Phi from Abramowitz & Stegun 7.1.26
+(absolute error <= 1.5e-7, one ``exp`` shared with the pdf the backward needs). About as fast as
+torch's forward, 2x faster than its backward (which evaluates erf and exp separately).
+
 Both: one seed per call from one ``random_()`` draw of torch's default generator (so
 ``torch.manual_seed`` and checkpointed RNG states determine the masks); OpenMP loops on torch's
 own OpenMP runtime (the library links ``libgomp.so.1`` by soname, which resolves to the copy
@@ -38,7 +42,7 @@ Where they apply: float32 CPU tensors, no autocast, a CPU with AVX-512 (F, DQ, B
 attention with at most :data:`MAX_KEYS` keys, :data:`MAX_QUERIES` queries and heads
 :data:`HEAD_DIMS` wide; residuals of width a multiple of 16 up to :data:`MAX_WIDTH`. Elsewhere
 (GPU, bf16/fp16, long sequences, narrow heads, CPUs without AVX-512) the model runs the eager
-ops. ``TIMEMAE_CPU_FUSED`` / ``trainer.cpu_fused``: ``auto`` (default) uses the kernels where they
+ops; GELU applies to any float32 CPU tensor. ``TIMEMAE_CPU_FUSED`` / ``trainer.cpu_fused``: ``auto`` (default) uses the kernels where they
 build and apply, ``on`` raises where they cannot build, ``off`` always runs the eager ops.
 """
 
@@ -54,6 +58,7 @@ from timemae_dist.kernels.ckernel import CKernel, CKernelError
 
 __all__ = ["CpuFusedError", "KERNEL", "MAX_KEYS", "MAX_QUERIES", "HEAD_DIMS", "MAX_WIDTH", "mode", "effective_mode",
            "available", "describe", "applies", "attention_core", "applies_residual", "residual_norm",
+           "applies_gelu", "gelu",
            "library_path", "build"]
 
 _ENV = "TIMEMAE_CPU_FUSED"
@@ -324,6 +329,62 @@ AVX512 void timemae_resnorm_bwd(const float *go, const float *z, const float *y,
         pg[2 * D] = hsum(da);
     }
 }
+
+/* GELU (exact form, x * Phi(x)) and its backward, lane-wise. Phi from Abramowitz & Stegun 7.1.26
+   (erfc(z) = t * P(t) * exp(-z^2), t = 1 / (1 + 0.3275911 z), |error| <= 1.5e-7) applied to
+   z = |x| / sqrt(2), so Phi(-|x|) = erfc(z) / 2 and the pdf share one exp. */
+AVX512 static inline void normal_cdf_pdf(__m512 x, __m512 *cdf, __m512 *pdf) {
+    const __m512 z = _mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(0.70710678118654752f));
+    const __m512 den = _mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f));
+    __m512 t = _mm512_rcp14_ps(den);  /* 1 / den: 14-bit estimate + one Newton step (~23 bits) */
+    t = _mm512_mul_ps(t, _mm512_fnmadd_ps(den, t, _mm512_set1_ps(2.0f)));
+    __m512 p = _mm512_set1_ps(1.061405429f);
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+    p = _mm512_mul_ps(p, t);
+    const __m512 e = exp16(_mm512_mul_ps(_mm512_mul_ps(z, z), _mm512_set1_ps(-1.0f)));  /* exp(-x^2 / 2) */
+    const __m512 q = _mm512_mul_ps(_mm512_mul_ps(p, e), _mm512_set1_ps(0.5f));            /* Phi(-|x|) */
+    const __mmask16 pos = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
+    *cdf = _mm512_mask_sub_ps(q, pos, _mm512_set1_ps(1.0f), q);
+    *pdf = _mm512_mul_ps(e, _mm512_set1_ps(0.39894228040143268f));
+}
+
+#define GELU_CHUNK 4096
+
+/* out = x * Phi(x) over n elements */
+AVX512 void timemae_gelu_fwd(const float *x, float *out, int64_t n, int32_t nthreads) {
+    const int64_t chunks = (n + GELU_CHUNK - 1) / GELU_CHUNK;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t end = (c + 1) * GELU_CHUNK < n ? (c + 1) * GELU_CHUNK : n;
+        for (int64_t i = c * GELU_CHUNK; i < end; i += 16) {
+            const __mmask16 m = end - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (end - i)) - 1u);
+            const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+            __m512 cdf, pdf;
+            normal_cdf_pdf(v, &cdf, &pdf);
+            _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(v, cdf));
+        }
+    }
+}
+
+/* dx = g * (Phi(x) + x * phi(x)) over n elements */
+AVX512 void timemae_gelu_bwd(const float *g, const float *x, float *dx, int64_t n, int32_t nthreads) {
+    const int64_t chunks = (n + GELU_CHUNK - 1) / GELU_CHUNK;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t end = (c + 1) * GELU_CHUNK < n ? (c + 1) * GELU_CHUNK : n;
+        for (int64_t i = c * GELU_CHUNK; i < end; i += 16) {
+            const __mmask16 m = end - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (end - i)) - 1u);
+            const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+            __m512 cdf, pdf;
+            normal_cdf_pdf(v, &cdf, &pdf);
+            _mm512_mask_storeu_ps(dx + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, g + i),
+                                                           _mm512_fmadd_ps(v, pdf, cdf)));
+        }
+    }
+}
 """
 
 _P = ctypes.c_void_p
@@ -349,6 +410,10 @@ def _setup(lib) -> None:
     lib.timemae_resnorm_bwd.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, ctypes.c_float, ctypes.c_int32,
                                         ctypes.c_float, _P, _P, _P, _P, _I, ctypes.c_int32]
     lib.timemae_resnorm_bwd.restype = None
+    lib.timemae_gelu_fwd.argtypes = [_P, _P, _I, ctypes.c_int32]
+    lib.timemae_gelu_fwd.restype = None
+    lib.timemae_gelu_bwd.argtypes = [_P, _P, _P, _I, ctypes.c_int32]
+    lib.timemae_gelu_bwd.restype = None
 
 
 # -fopenmp first (one thread pool: torch's libgomp, see the module docstring); without OpenMP the
@@ -377,7 +442,7 @@ def describe(model_config=None) -> str:
     """One line for logs: which path this process runs for the fused kernels, and why; with a
     model config (:class:`timemae_dist.model.config.TimeMAEConfig`), which of them that model's
     pretraining blocks fit (head width, visible windows as keys, masked ones as queries, width)."""
-    line = KERNEL.describe("fused CPU kernels (attention core, residual LayerNorm)", "eager torch ops")
+    line = KERNEL.describe("fused CPU kernels (attention core, residual LayerNorm, GELU)", "eager torch ops")
     if model_config is None or KERNEL.mode() == "off" or KERNEL.lib is None:
         return line
     head = model_config.d_model // model_config.num_heads
@@ -554,3 +619,39 @@ def residual_norm(x: torch.Tensor, y: torch.Tensor, a: Optional[torch.Tensor], n
     """``norm(x + dropout(a * y, p))`` in one C pass each way (:func:`applies_residual` must hold);
     the dropout mask is the one ``keep_mask(y, p)`` draws (same seed draw, same stream)."""
     return _ResidualNorm.apply(x.contiguous(), y.contiguous(), a, norm.weight, norm.bias, float(norm.eps), float(p))
+
+
+# --------------------------------------------------------------------------------------------
+# GELU (exact form)
+
+
+def applies_gelu(h: torch.Tensor) -> bool:
+    """Whether ``F.gelu(h)`` (exact, erf form) runs fused: a float32 CPU tensor, no autocast, the
+    kernel available."""
+    if h.device.type != "cpu" or h.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return False
+    return KERNEL.usable("torch's GELU")
+
+
+class _Gelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h):
+        out = torch.empty_like(h)
+        KERNEL.lib.timemae_gelu_fwd(h.data_ptr(), out.data_ptr(), h.numel(), torch.get_num_threads())
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(h)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (h,) = ctx.saved_tensors
+        g = grad_out.contiguous()
+        dh = torch.empty_like(h)
+        KERNEL.lib.timemae_gelu_bwd(g.data_ptr(), h.data_ptr(), dh.data_ptr(), h.numel(), torch.get_num_threads())
+        return dh
+
+
+def gelu(h: torch.Tensor) -> torch.Tensor:
+    """``F.gelu(h)`` (exact form ``h * Phi(h)``; Phi to ~1e-7 absolute) in one C pass each way
+    (:func:`applies_gelu` must hold)."""
+    return _Gelu.apply(h.contiguous())

@@ -33,9 +33,9 @@ CPU speed (same math, same parameters and state-dict keys; see benchmarks/bench_
 * on CPUs with AVX-512, float32 attention over at most 16 keys (TimeMAE's 7-16 windows) runs its
   core (scores, softmax, dropout of the probabilities, weighted sum, and the backward of all
   four) in one C kernel reading the heads straight from the projections, and the post-LN
-  residual ``norm(x + dropout(a * y))`` in another (:mod:`timemae_dist.kernels.cpu_fused`; same
-  equations; the residual draws the same dropout masks as the C dropout kernel, the attention
-  its own; ``trainer.cpu_fused``).
+  residual ``norm(x + dropout(a * y))`` in another, and the feed-forward's GELU in a third
+  (:mod:`timemae_dist.kernels.cpu_fused`; same equations; the residual draws the same dropout
+  masks as the C dropout kernel, the attention its own; ``trainer.cpu_fused``).
 """
 
 from __future__ import annotations
@@ -161,7 +161,8 @@ class FeedForward(nn.Module):
 
     def inner(self, x: torch.Tensor) -> torch.Tensor:
         """``linear2(gelu(linear1(x)))``: the feed-forward before its output dropout."""
-        return self.linear2(F.gelu(self.linear1(x)))
+        h = self.linear1(x)
+        return self.linear2(cpu_fused.gelu(h) if cpu_fused.applies_gelu(h) else F.gelu(h))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dropout(self.inner(x), self.dropout.p, self.training)

@@ -80,8 +80,8 @@ class TrainerSection:
     )
     cpu_fused: Literal["auto", "on", "off"] = option(
         "auto",
-        "fused CPU kernels: the attention core (scores, softmax, dropout, weighted sum) and the post-LN "
-        "residual (dropout, scale, add, LayerNorm), forward and backward, one C pass each (AVX-512; "
+        "fused CPU kernels: the attention core (scores, softmax, dropout, weighted sum), the post-LN "
+        "residual (dropout, scale, add, LayerNorm) and GELU, forward and backward, one C pass each (AVX-512; "
         "see timemae_dist/kernels/cpu_fused.py for the shapes they take); auto = where they build and "
         "apply, on = error where they cannot build, off = torch's eager ops; $TIMEMAE_CPU_FUSED, where "
         "set, wins",
