@@ -353,8 +353,8 @@ AVX512 static inline void normal_cdf_pdf(__m512 x, __m512 *cdf, __m512 *pdf) {
 
 #define GELU_CHUNK 4096
 
-/* out = x * Phi(x) over n elements */
-AVX512 void timemae_gelu_fwd(const float *x, float *out, int64_t n, int32_t nthreads) {
+/* g == NULL: out = x * Phi(x) (forward); else out = g * (Phi(x) + x * phi(x)) (backward); n elements */
+AVX512 void timemae_gelu(const float *x, const float *g, float *out, int64_t n, int32_t nthreads) {
     const int64_t chunks = (n + GELU_CHUNK - 1) / GELU_CHUNK;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t c = 0; c < chunks; ++c) {
@@ -364,24 +364,9 @@ AVX512 void timemae_gelu_fwd(const float *x, float *out, int64_t n, int32_t nthr
             const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
             __m512 cdf, pdf;
             normal_cdf_pdf(v, &cdf, &pdf);
-            _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(v, cdf));
-        }
-    }
-}
-
-/* dx = g * (Phi(x) + x * phi(x)) over n elements */
-AVX512 void timemae_gelu_bwd(const float *g, const float *x, float *dx, int64_t n, int32_t nthreads) {
-    const int64_t chunks = (n + GELU_CHUNK - 1) / GELU_CHUNK;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t end = (c + 1) * GELU_CHUNK < n ? (c + 1) * GELU_CHUNK : n;
-        for (int64_t i = c * GELU_CHUNK; i < end; i += 16) {
-            const __mmask16 m = end - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (end - i)) - 1u);
-            const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
-            __m512 cdf, pdf;
-            normal_cdf_pdf(v, &cdf, &pdf);
-            _mm512_mask_storeu_ps(dx + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, g + i),
-                                                           _mm512_fmadd_ps(v, pdf, cdf)));
+            const __m512 r = g ? _mm512_mul_ps(_mm512_maskz_loadu_ps(m, g + i), _mm512_fmadd_ps(v, pdf, cdf))
+                               : _mm512_mul_ps(v, cdf);
+            _mm512_mask_storeu_ps(out + i, m, r);
         }
     }
 }
@@ -410,10 +395,8 @@ def _setup(lib) -> None:
     lib.timemae_resnorm_bwd.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, ctypes.c_float, ctypes.c_int32,
                                         ctypes.c_float, _P, _P, _P, _P, _I, ctypes.c_int32]
     lib.timemae_resnorm_bwd.restype = None
-    lib.timemae_gelu_fwd.argtypes = [_P, _P, _I, ctypes.c_int32]
-    lib.timemae_gelu_fwd.restype = None
-    lib.timemae_gelu_bwd.argtypes = [_P, _P, _P, _I, ctypes.c_int32]
-    lib.timemae_gelu_bwd.restype = None
+    lib.timemae_gelu.argtypes = [_P, _P, _P, _I, ctypes.c_int32]
+    lib.timemae_gelu.restype = None
 
 
 # -fopenmp first (one thread pool: torch's libgomp, see the module docstring); without OpenMP the
@@ -637,7 +620,7 @@ class _Gelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h):
         out = torch.empty_like(h)
-        KERNEL.lib.timemae_gelu_fwd(h.data_ptr(), out.data_ptr(), h.numel(), torch.get_num_threads())
+        KERNEL.lib.timemae_gelu(h.data_ptr(), None, out.data_ptr(), h.numel(), torch.get_num_threads())
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(h)
         return out
@@ -647,7 +630,7 @@ class _Gelu(torch.autograd.Function):
         (h,) = ctx.saved_tensors
         g = grad_out.contiguous()
         dh = torch.empty_like(h)
-        KERNEL.lib.timemae_gelu_bwd(g.data_ptr(), h.data_ptr(), dh.data_ptr(), h.numel(), torch.get_num_threads())
+        KERNEL.lib.timemae_gelu(h.data_ptr(), g.data_ptr(), dh.data_ptr(), h.numel(), torch.get_num_threads())
         return dh
 
 
