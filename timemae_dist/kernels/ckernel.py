@@ -12,6 +12,7 @@ loaded with ``ctypes`` (whose calls release the GIL). Its environment variable s
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -20,11 +21,27 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
-__all__ = ["MODES", "CKernel", "CKernelError"]
+__all__ = ["MODES", "SWITCHES", "CKernel", "CKernelError", "env_restored"]
 
 MODES = ("auto", "on", "off")
+SWITCHES = ("TIMEMAE_CPU_DROPOUT", "TIMEMAE_CPU_FUSED")  # every kernel's variable (cpu_dropout, cpu_fused)
+
+
+@contextlib.contextmanager
+def env_restored() -> Iterator[None]:
+    """The CPU kernels' switches (:data:`SWITCHES`) as they were on entry, again on exit (set or
+    unset): for code that switches them for one run or one measurement."""
+    saved = {n: os.environ.get(n) for n in SWITCHES}
+    try:
+        yield
+    finally:
+        for n, v in saved.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
 
 
 class CKernelError(RuntimeError):
@@ -39,6 +56,8 @@ class CKernel:
 
     def __init__(self, name: str, env: str, source: str, what: str, *, setup: Callable[[ctypes.CDLL], None],
                  flag_sets: Sequence[Sequence[str]] = ((),), error: type[CKernelError] = CKernelError):
+        if env not in SWITCHES:
+            raise ValueError(f"{env} is not in ckernel.SWITCHES (env_restored would not restore it)")
         self.name, self.env, self.source, self.what = name, env, source, what
         self.setup, self.flag_sets, self.error = setup, [list(f) for f in flag_sets], error
         self.lib: Optional[ctypes.CDLL] = None

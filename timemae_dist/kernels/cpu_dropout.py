@@ -25,15 +25,13 @@ mask.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import os
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
-from timemae_dist.kernels.ckernel import MODES, CKernel, CKernelError
+from timemae_dist.kernels.ckernel import MODES, CKernel, CKernelError, env_restored  # noqa: F401 (re-exported)
 
 __all__ = [
     "CpuDropoutError", "KERNEL", "MODES", "mode", "effective_mode", "available", "describe", "keep_mask_f32",
@@ -115,23 +113,6 @@ def available(m: Optional[str] = None) -> bool:
     """Whether the kernel is in use under mode ``m`` (default: the current ``TIMEMAE_CPU_DROPOUT``);
     builds it if needed. Under ``on`` an unavailable kernel raises :class:`CpuDropoutError`."""
     return KERNEL.available(m)
-
-
-@contextlib.contextmanager
-def env_restored() -> Iterator[None]:
-    """The CPU kernels' switches (``$TIMEMAE_CPU_DROPOUT``, ``$TIMEMAE_CPU_FUSED``) as they were
-    on entry, again on exit (set or unset): for code that switches them for one run or one
-    measurement."""
-    names = (_ENV, "TIMEMAE_CPU_FUSED")
-    saved = {n: os.environ.get(n) for n in names}
-    try:
-        yield
-    finally:
-        for n, v in saved.items():
-            if v is None:
-                os.environ.pop(n, None)
-            else:
-                os.environ[n] = v
 
 
 def keep_mask_f32(like: torch.Tensor, thr: int, scale: float) -> Optional[torch.Tensor]:

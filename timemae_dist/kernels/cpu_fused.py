@@ -466,6 +466,18 @@ def _keep(p: float) -> tuple[int, float]:
     return thr, float((1 << 15) / thr)
 
 
+def _layout(q_t: torch.Tensor, kv_t: Optional[torch.Tensor], D: int) -> list:
+    """Pointer, batch stride and row stride of q, k and v inside the projection output(s) (or
+    their gradients): ``q|k|v`` in one ``(B, N, 3 * D)`` tensor when ``kv_t`` is None, else
+    ``q`` ``(B, Q, D)`` and ``k|v`` ``(B, K, 2 * D)``; the kernels' argument order."""
+    parts = ((q_t, 3 * D, 0), (q_t, 3 * D, D), (q_t, 3 * D, 2 * D)) if kv_t is None else (
+        (q_t, D, 0), (kv_t, 2 * D, 0), (kv_t, 2 * D, D))
+    args = []
+    for t, row_stride, offset in parts:
+        args += [t.data_ptr() + t.element_size() * offset, t.stride(0), row_stride]
+    return args
+
+
 class _AttentionCore(torch.autograd.Function):
     """``(q_src, kv_src)`` -> ``o`` (B, Q, H * Dh). ``kv_src is None``: ``q_src`` is the
     self-attention's ``(B, N, 3 * D)`` q|k|v; else ``q_src`` (B, Q, D), ``kv_src`` (B, K, 2 * D)."""
@@ -477,11 +489,9 @@ class _AttentionCore(torch.autograd.Function):
         if kv_src is None:
             D = q_src.shape[-1] // 3
             Q = K = q_src.shape[1]
-            rows = (q_src, 3 * D, 0), (q_src, 3 * D, D), (q_src, 3 * D, 2 * D)
         else:
             D = q_src.shape[-1]
             Q, K = q_src.shape[1], kv_src.shape[1]
-            rows = (q_src, D, 0), (kv_src, 2 * D, 0), (kv_src, 2 * D, D)
         Dh = D // num_heads
         dropout = training and p > 0.0
         thr, dscale = _keep(p) if dropout else (0, 1.0)
@@ -490,10 +500,7 @@ class _AttentionCore(torch.autograd.Function):
         out = torch.empty(B, Q, D, dtype=torch.float32)
         P = torch.empty(B, num_heads, Q, K, dtype=torch.float32) if grad else None
         M = torch.empty(B, num_heads, Q, K, dtype=torch.float32) if grad else None
-        args = []
-        for t, rs, off in rows:
-            args += [t.data_ptr() + 4 * off, t.stride(0), rs]
-        lib.timemae_attn_fwd(*args, B, num_heads, Q, K, Dh, Dh**-0.5, thr, dscale, seed.data_ptr(),
+        lib.timemae_attn_fwd(*_layout(q_src, kv_src, D), B, num_heads, Q, K, Dh, Dh**-0.5, thr, dscale, seed.data_ptr(),
                              out.data_ptr(), P.data_ptr() if grad else None, M.data_ptr() if grad else None,
                              torch.get_num_threads())
         if grad:
@@ -507,22 +514,10 @@ class _AttentionCore(torch.autograd.Function):
         H, D, Q, K, is_self = ctx.meta
         B = q_src.shape[0]
         go = grad_out.contiguous()
-        if is_self:
-            gq = torch.empty_like(q_src)
-            src = ((q_src, 3 * D, 0), (q_src, 3 * D, D), (q_src, 3 * D, 2 * D))
-            dst = ((gq, 3 * D, 0), (gq, 3 * D, D), (gq, 3 * D, 2 * D))
-            gkv = None
-        else:
-            gq, gkv = torch.empty_like(q_src), torch.empty_like(kv_src)
-            src = ((q_src, D, 0), (kv_src, 2 * D, 0), (kv_src, 2 * D, D))
-            dst = ((gq, D, 0), (gkv, 2 * D, 0), (gkv, 2 * D, D))
-        a_src, a_dst = [], []
-        for t, rs, off in src:
-            a_src += [t.data_ptr() + 4 * off, t.stride(0), rs]
-        for t, rs, off in dst:
-            a_dst += [t.data_ptr() + 4 * off, t.stride(0), rs]
-        KERNEL.lib.timemae_attn_bwd(go.data_ptr(), *a_src, P.data_ptr(), M.data_ptr(), B, H, Q, K, D // H,
-                              (D // H) ** -0.5, *a_dst, torch.get_num_threads())
+        gq = torch.empty_like(q_src)
+        gkv = None if is_self else torch.empty_like(kv_src)
+        KERNEL.lib.timemae_attn_bwd(go.data_ptr(), *_layout(q_src, kv_src, D), P.data_ptr(), M.data_ptr(), B, H, Q, K,
+                                    D // H, (D // H) ** -0.5, *_layout(gq, gkv, D), torch.get_num_threads())
         return gq, gkv, None, None, None
 
 

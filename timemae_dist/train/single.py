@@ -31,7 +31,7 @@ def _prune(run_dir: Path, keep: int) -> None:
 def run_single(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretrain in this process; returns the summary (steps, windows_per_s, final_loss, checkpoint)."""
     # trainer.cpu_dropout / cpu_fused apply for this run only: their variables are restored afterwards
-    from timemae_dist.kernels.cpu_dropout import env_restored
+    from timemae_dist.kernels.ckernel import env_restored
 
     with env_restored():
         return _run_single(cfg)
