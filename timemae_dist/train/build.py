@@ -57,7 +57,8 @@ def kernel_env(cfg: PretrainConfig) -> dict[str, str]:
     """The CPU kernels' switches for a run, ``{env var: mode}``: ``$TIMEMAE_CPU_DROPOUT`` /
     ``$TIMEMAE_CPU_FUSED`` where set, else ``trainer.cpu_dropout`` / ``trainer.cpu_fused``.
     ``on`` where a kernel cannot be built or run here fails now, before anything starts (Ray
-    workers on other nodes that cannot fail in their first forward with the same message)."""
+    workers on other nodes that cannot build or run it fail in their first forward with the same
+    message)."""
     from timemae_dist.kernels import cpu_dropout, cpu_fused
     from timemae_dist.train.errors import PretrainError
 
