@@ -201,32 +201,41 @@ def mask_gather_case(shape, device, dtype, fused: bool):
 # ---------------------------------------------------------------------------------- main
 
 
+def kernel_ab_rows(kernel, cases: dict, iters: int, warmup: int, op: str) -> list[dict]:
+    """Each case timed with ``kernel`` (a :class:`timemae_dist.kernels.ckernel.CKernel`) off, then on:
+    ``warmup`` untimed calls, then the median of ``iters`` timed calls; one row per (case, impl),
+    the ``c_kernel`` row with ``speedup`` = eager / c_kernel."""
+    from timemae_dist.kernels.ckernel import env_restored
+
+    rows = []
+    with env_restored():
+        for name, fn in cases.items():
+            res = {}
+            for impl, mode in (("eager", "off"), ("c_kernel", "on")):
+                os.environ[kernel.env] = mode
+                if mode == "on":
+                    kernel.available("on")  # build/load outside the timing
+                for _ in range(warmup):
+                    fn()
+                ts = []
+                for _ in range(iters):
+                    t0 = time.perf_counter()
+                    fn()
+                    ts.append(time.perf_counter() - t0)
+                res[impl] = statistics.median(ts) * 1e6
+                rows.append({"op": op, "case": name, "impl": impl, "time_us": round(res[impl], 1), "iters": iters})
+            rows[-1]["speedup"] = round(res["eager"] / res["c_kernel"], 2)
+    return rows
+
+
 def dropout_mask_rows(iters: int = 2000) -> list[dict]:
     """Eager vs C-kernel dropout masks (CPU, float32) at the encoder's activation shapes."""
     from timemae_dist.kernels import cpu_dropout
     from timemae_dist.model.layers import keep_mask
 
-    rows = []
-    with cpu_dropout.env_restored():
-        for shape in ((1152, 64), (1152, 256)):  # (B * visible windows, d_model) and the FFN hidden
-            x = torch.empty(shape)
-            res = {}
-            for impl, mode in (("eager", "off"), ("c_kernel", "on")):
-                os.environ["TIMEMAE_CPU_DROPOUT"] = mode
-                if mode == "on":
-                    cpu_dropout.available("on")  # build/load outside the timing
-                for _ in range(50):
-                    keep_mask(x, 0.2)
-                ts = []
-                for _ in range(iters):
-                    t0 = time.perf_counter()
-                    keep_mask(x, 0.2)
-                    ts.append(time.perf_counter() - t0)
-                res[impl] = statistics.median(ts) * 1e6
-                rows.append({"op": "dropout_mask", "shape": list(shape), "impl": impl,
-                             "time_us": round(res[impl], 1), "iters": iters})
-            rows[-1]["speedup"] = round(res["eager"] / res["c_kernel"], 2)
-    return rows
+    # (B * visible windows, d_model) and the FFN hidden
+    cases = {f"{r}x{c}": (lambda x=torch.empty(r, c): keep_mask(x, 0.2)) for r, c in ((1152, 64), (1152, 256))}
+    return kernel_ab_rows(cpu_dropout.KERNEL, cases, iters, 50, "dropout_mask")
 
 
 def fused_rows(iters: int = 300) -> list[dict]:
@@ -234,7 +243,7 @@ def fused_rows(iters: int = 300) -> list[dict]:
     the attention module (d_model 64, 4 heads) forward + backward (the encoder's self-attention
     over 7 visible windows, the regressor's 9 queries over them) and no-grad forward (the
     momentum target encoder over 9 windows), and the post-LN residual forward + backward."""
-    from timemae_dist.kernels import cpu_dropout, cpu_fused
+    from timemae_dist.kernels import cpu_fused
     from timemae_dist.model.layers import MultiHeadAttention, ResidualNorm
 
     torch.manual_seed(0)
@@ -257,26 +266,7 @@ def fused_rows(iters: int = 300) -> list[dict]:
         "GELU 1152x256 fwd": lambda: torch.no_grad()(ffn_act)(h),
         "GELU 1152x256 fwd+bwd": lambda: ffn_act(hg).backward(gh),
     }
-    rows = []
-    with cpu_dropout.env_restored():
-        for name, fn in cases.items():
-            res = {}
-            for impl, mode in (("eager", "off"), ("c_kernel", "on")):
-                os.environ["TIMEMAE_CPU_FUSED"] = mode
-                if mode == "on":
-                    cpu_fused.available("on")  # build/load outside the timing
-                for _ in range(30):
-                    fn()
-                ts = []
-                for _ in range(iters):
-                    t0 = time.perf_counter()
-                    fn()
-                    ts.append(time.perf_counter() - t0)
-                res[impl] = statistics.median(ts) * 1e6
-                rows.append({"op": "fused", "case": name, "impl": impl, "time_us": round(res[impl], 1),
-                             "iters": iters})
-            rows[-1]["speedup"] = round(res["eager"] / res["c_kernel"], 2)
-    return rows
+    return kernel_ab_rows(cpu_fused.KERNEL, cases, iters, 30, "fused")
 
 
 def main(argv=None) -> int:
@@ -332,20 +322,15 @@ def main(argv=None) -> int:
               f"{r['time_ms']:>12.3f}{peak:>10}{sp:>9}{mx:>7}")
     print("speedup = unfused time / fused time; mem x = unfused peak / fused peak (higher is better); "
           f"peak memory: {mem_method}")
-    drop_rows = []
-    if args.dropout:
-        drop_rows = dropout_mask_rows()
-        print(f"\n{'dropout mask (p 0.2, float32, CPU)':<36}{'impl':<10}{'us/call':>9}{'speedup':>9}")
-        for r in drop_rows:
-            sp = f"{r['speedup']:.2f}" if "speedup" in r else ""
-            print(f"{'x'.join(map(str, r['shape'])):<36}{r['impl']:<10}{r['time_us']:>9.1f}{sp:>9}")
-    attn_rows = []
-    if args.fused:
-        attn_rows = fused_rows()
-        print(f"\n{'fused kernels (d 64, 4 heads, B 128, CPU)':<46}{'impl':<10}{'us/call':>9}{'speedup':>9}")
-        for r in attn_rows:
-            sp = f"{r['speedup']:.2f}" if "speedup" in r else ""
-            print(f"{r['case']:<46}{r['impl']:<10}{r['time_us']:>9.1f}{sp:>9}")
+    drop_rows = dropout_mask_rows() if args.dropout else []
+    attn_rows = fused_rows() if args.fused else []
+    for title, ab_rows in (("dropout mask (p 0.2, float32, CPU)", drop_rows),
+                           ("fused kernels (d 64, 4 heads, B 128, CPU)", attn_rows)):
+        if ab_rows:
+            print(f"\n{title:<46}{'impl':<10}{'us/call':>9}{'speedup':>9}")
+            for r in ab_rows:
+                sp = f"{r['speedup']:.2f}" if "speedup" in r else ""
+                print(f"{r['case']:<46}{r['impl']:<10}{r['time_us']:>9.1f}{sp:>9}")
     if args.json:
         print(json.dumps({"device": device.type, "path": path, "dtype": "float32",
                           "mask_ratio": MASK_RATIO,
