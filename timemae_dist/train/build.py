@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import random
 
 import numpy as np
@@ -70,6 +72,9 @@ def kernel_env(cfg: PretrainConfig) -> dict[str, str]:
             if mode == "on" and not cfg.trainer.use_gpu:
                 kernel.available("on")  # raises where it cannot be built
         except kernel.error as e:
+            if os.environ.get(kernel.env, "").strip():  # the variable, which wins over the config, is the culprit
+                raise PretrainError(f"${kernel.env}: {e}; set {kernel.env}=auto (eager fallback) or off, or unset it "
+                                    f"to use trainer.{key}") from None
             raise PretrainError(f"trainer.{key}: {e}; set trainer.{key}=auto (eager fallback) or off") from None
         env[kernel.env] = mode
     return env

@@ -199,3 +199,19 @@ def test_a_diverged_run_stops_with_one_error_and_keeps_its_good_checkpoints(tiny
     assert msg.startswith("step 4: training diverged (loss/total=") and "\n" not in msg, msg
     assert "checkpoint_0000002" in msg and "deepspeed.lr" in msg and "re-run the command" in msg
     assert sorted(p.name for p in (tmp_path / "div").glob("checkpoint_*")) == ["checkpoint_0000002"]
+
+
+@pytest.mark.parametrize("var,key", [("TIMEMAE_CPU_FUSED", "cpu_fused"), ("TIMEMAE_CPU_DROPOUT", "cpu_dropout")])
+def test_a_bad_kernel_variable_is_named_with_its_fix(tiny_store, tmp_path, monkeypatch, var, key):
+    """The variable wins over the config key, so a bad value of it is named (not the key) with the fix."""
+    from timemae_dist.train.build import kernel_env
+    from timemae_dist.train.errors import PretrainError
+
+    monkeypatch.setenv(var, "bogus")
+    cfg = load_pretrain_config(TINY_CONFIG, tiny_overrides(tiny_store, tmp_path, "badvar"))
+    with pytest.raises(PretrainError) as info:
+        kernel_env(cfg)
+    msg = str(info.value)
+    assert msg.startswith(f"${var}: ") and f"set {var}=auto" in msg and f"trainer.{key}" in msg, msg
+    monkeypatch.delenv(var)
+    assert kernel_env(cfg)[var] == "auto"
