@@ -5,10 +5,6 @@ under torch's RNG, the ``TIMEMAE_CPU_DROPOUT`` switch and the no-compiler fallba
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -93,15 +89,7 @@ def test_other_dtypes_take_the_eager_path(kernel, monkeypatch):
         keep_mask(torch.empty(8), 0.2)
 
 
-def _run(code: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=120)
-
-
-def test_no_compiler_falls_back_or_fails_clearly(tmp_path):
-    empty = tmp_path / "bin"
-    empty.mkdir()
-    env = {**os.environ, "PATH": str(empty), "TIMEMAE_CACHE_DIR": str(tmp_path / "cache")}
-    env.pop("CC", None)
+def test_no_compiler_falls_back_or_fails_clearly(run_without_compiler):
     code = """
         import warnings, torch
         from timemae_dist.model.layers import keep_mask, keep_threshold
@@ -111,13 +99,13 @@ def test_no_compiler_falls_back_or_fails_clearly(tmp_path):
         assert set(m.unique().tolist()) <= {0.0, float(torch.tensor(2**15 / keep_threshold(0.2)))}, m.unique()
         print("WARN", [str(x.message) for x in w])
     """
-    auto = _run(code, {**env, "TIMEMAE_CPU_DROPOUT": "auto"})
+    auto = run_without_compiler(code, TIMEMAE_CPU_DROPOUT="auto")
     assert auto.returncode == 0, auto.stderr
     assert "using the eager dropout mask" in auto.stdout and "no C compiler" in auto.stdout
-    on = _run(code, {**env, "TIMEMAE_CPU_DROPOUT": "on"})
+    on = run_without_compiler(code, TIMEMAE_CPU_DROPOUT="on")
     assert on.returncode != 0
     assert "TIMEMAE_CPU_DROPOUT=on" in on.stderr and "no C compiler" in on.stderr and "TIMEMAE_CPU_DROPOUT=off" in on.stderr
-    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.so"))
+    assert not run_without_compiler.cache.exists() or not list(run_without_compiler.cache.glob("*.so"))
 
 
 def test_build_is_atomic_and_cached(tmp_path, monkeypatch):

@@ -361,11 +361,7 @@ def _run(code: str, env: dict) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-def test_no_compiler_falls_back_or_fails_clearly(tmp_path):
-    empty = tmp_path / "bin"
-    empty.mkdir()
-    env = {**os.environ, "PATH": str(empty), "TIMEMAE_CACHE_DIR": str(tmp_path / "cache")}
-    env.pop("CC", None)
+def test_no_compiler_falls_back_or_fails_clearly(run_without_compiler):
     code = """
         import warnings, torch
         from timemae_dist.model.layers import MultiHeadAttention
@@ -377,14 +373,14 @@ def test_no_compiler_falls_back_or_fails_clearly(tmp_path):
         print("WARN", [str(x.message) for x in w])
         print(cpu_fused.describe())
     """
-    auto = _run(code, {**env, "TIMEMAE_CPU_FUSED": "auto"})
+    auto = run_without_compiler(code, TIMEMAE_CPU_FUSED="auto")
     assert auto.returncode == 0, auto.stderr
     assert "using the eager attention" in auto.stdout and "no C compiler" in auto.stdout
     assert "fused CPU kernels (attention core, residual LayerNorm, GELU): eager torch ops (C kernel unavailable" in auto.stdout
-    on = _run(code, {**env, "TIMEMAE_CPU_FUSED": "on"})
+    on = run_without_compiler(code, TIMEMAE_CPU_FUSED="on")
     assert on.returncode != 0
     assert "TIMEMAE_CPU_FUSED=on" in on.stderr and "no C compiler" in on.stderr, on.stderr
     assert "TIMEMAE_CPU_FUSED=off" in on.stderr
-    bad = _run(code, {**env, "TIMEMAE_CPU_FUSED": "yes"})
+    bad = run_without_compiler(code, TIMEMAE_CPU_FUSED="yes")
     assert bad.returncode != 0 and "TIMEMAE_CPU_FUSED='yes' is not one of auto|on|off" in bad.stderr
-    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.so"))
+    assert not run_without_compiler.cache.exists() or not list(run_without_compiler.cache.glob("*.so"))
