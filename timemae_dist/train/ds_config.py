@@ -6,7 +6,16 @@ from typing import Any
 
 from timemae_dist.train.config import PretrainConfig
 
-__all__ = ["build_ds_config"]
+__all__ = ["build_ds_config", "clips_in_hook"]
+
+
+def clips_in_hook(cfg: PretrainConfig) -> bool:
+    """ZeRO-0 fp32: DeepSpeed hands the step to the plain torch optimizer, clips with a Python loop
+    over the parameters (a norm and a multiply each, plus an all-reduce of the total) and reports
+    no gradient norm, so the engine gets ``gradient_clipping: 0`` and the optimizer a pre-step hook
+    that computes the norm (two foreach calls), clips by it and reports it
+    (:func:`timemae_dist.train.worker.install_grad_norm_hook`)."""
+    return cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32"
 
 
 def build_ds_config(cfg: PretrainConfig, world_size: int, total_steps: int) -> dict[str, Any]:
@@ -43,7 +52,7 @@ def build_ds_config(cfg: PretrainConfig, world_size: int, total_steps: int) -> d
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
         "gradient_accumulation_steps": tr.grad_accum,
         "train_batch_size": tr.micro_batch_size * tr.grad_accum * world_size,
-        "gradient_clipping": ds.clip,
+        "gradient_clipping": 0.0 if clips_in_hook(cfg) else ds.clip,
         "optimizer": {"type": "AdamW", "params": adam},
         "scheduler": {
             "type": "WarmupCosineLR",

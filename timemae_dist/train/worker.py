@@ -19,11 +19,11 @@ from data_pipeline.typedconfig import from_dict
 from timemae_dist.train.build import build_loader, build_model, rank_seed, seed_all
 from timemae_dist.train.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
 from timemae_dist.train.config import PretrainConfig
-from timemae_dist.train.ds_config import build_ds_config
+from timemae_dist.train.ds_config import build_ds_config, clips_in_hook
 from timemae_dist.train.metrics import MetricsWriter, console
 from timemae_dist.train.trainer import Trainer, total_steps
 
-__all__ = ["train_loop_per_worker", "build_engine"]
+__all__ = ["train_loop_per_worker", "build_engine", "install_grad_norm_hook"]
 
 
 def build_engine(cfg: PretrainConfig, model: torch.nn.Module, world_size: int, num_steps: int):
@@ -50,7 +50,29 @@ def build_engine(cfg: PretrainConfig, model: torch.nn.Module, world_size: int, n
         engine.enable_backward_allreduce = False
     if cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.precision == "fp32" and not cfg.deepspeed.offload_optimizer:
         share_zero3_master_weights(engine.optimizer)
+    if clips_in_hook(cfg):
+        install_grad_norm_hook(engine.optimizer, cfg.deepspeed.clip)
     return engine
+
+
+def install_grad_norm_hook(optimizer: torch.optim.Optimizer, clip: float) -> None:
+    """Before each step: the 2-norm of all gradients (``torch._foreach_norm``, one stack), the
+    gradients scaled by ``min(1, clip / (norm + 1e-6))`` when ``clip > 0`` (the rule of DeepSpeed's and
+    torch's ``clip_grad_norm_``), and the norm left in ``optimizer._global_grad_norm``, where
+    DeepSpeed's engine reads it after the step (``engine.get_global_grad_norm()``). For ZeRO-0
+    fp32 (:func:`timemae_dist.train.ds_config.clips_in_hook`), where the gradients the optimizer sees
+    are already all-reduced, so the norm is the global one on every rank."""
+
+    def pre_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        if clip > 0:
+            torch._foreach_mul_(grads, torch.clamp(clip / (norm + 1e-6), max=1.0))
+        opt._global_grad_norm = norm
+
+    optimizer.register_step_pre_hook(pre_step)
 
 
 def share_zero3_master_weights(zero3_optimizer: Any) -> int:

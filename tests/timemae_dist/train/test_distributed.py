@@ -123,6 +123,25 @@ def test_linear_probe_under_zero3(stage_runs):
     assert all(0.0 <= e.value <= 1.0 for e in events)
 
 
+def test_grad_norm_logged_at_every_stage(stage_runs):
+    """ZeRO-0 fp32 reports the norm from the optimizer's pre-step hook (DeepSpeed reports none
+    there); it is the global norm, so every stage logs the same values (same seed and data)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    storage, _ = stage_runs
+    norms = {}
+    for stage in (0, 2, 3):
+        acc = EventAccumulator(str(storage / f"zero{stage}" / "tb"))
+        acc.Reload()
+        assert "optim/grad_norm" in acc.Tags()["scalars"], f"ZeRO-{stage} logged no optim/grad_norm"
+        events = acc.Scalars("optim/grad_norm")
+        assert [e.step for e in events] == [5, 10]
+        norms[stage] = [e.value for e in events]
+        assert all(math.isfinite(v) and v > 0 for v in norms[stage]), norms[stage]
+    for stage in (2, 3):
+        assert norms[stage] == pytest.approx(norms[0], rel=1e-4), (stage, norms)
+
+
 def test_ema_agrees_across_stages_and_ranks(stage_runs):
     storage, runs = stage_runs
     targets = {}
