@@ -1,5 +1,5 @@
 """A/B of the pretraining step: dropout masks or the fused attention + residual kernels (C vs
-eager, in one process), malloc (glibc malloc on transparent huge pages vs its defaults, in alternated processes)
+eager, in one process), each block as one fused autograd node vs op by op (``--ab block``), malloc (glibc malloc on transparent huge pages vs its defaults, in alternated processes)
 or threads (2 intra-op threads on the whole batch vs 2 Python threads on half batches, in one
 process).
 
@@ -11,7 +11,7 @@ update, as `timemae pretrain --single-process` runs it) and alternates the two a
 ms/step of each arm's blocks and, since the machine's speed drifts within a run, the median over
 rounds of the paired ratio eager / c_kernel (``speedup``).
 
-    python benchmarks/bench_step_ab.py [--ab dropout|fused|malloc|threads] [--store stores/hapt_har] [--threads 2]
+    python benchmarks/bench_step_ab.py [--ab dropout|fused|block|malloc|threads] [--store stores/hapt_har] [--threads 2]
         [--rounds 10] [--block 15] [--json]
 
 ``--ab malloc`` measures an idea that did not pay off: a step allocates and frees a few hundred
@@ -36,6 +36,10 @@ Run it as `timemae`'s own processes run (oneMKL's AVX-512 kernels on AMD CPUs):
 or without the shim for MKL's default dispatch; the JSON records which (``gemm``).
 ``--ab fused`` switches ``TIMEMAE_CPU_FUSED`` (the fused attention core and post-LN residual of
 timemae_dist/kernels/cpu_fused.py) the same way ``--ab dropout`` switches ``TIMEMAE_CPU_DROPOUT``.
+``--ab block`` keeps the fused kernels in both arms and switches
+timemae_dist/kernels/cpu_block.py (one autograd node per encoder/regressor block, biases folded
+into the kernels) off with ``cpu_block.disabled()``; its JSON: {"block_ms": ..., "per_op_ms": ...,
+"speedup": ..., "ratios": [...], "windows_per_s": {...}, "cpu": {...}, "gemm": "..."}.
 Last line with --json (dropout, fused): {"kernel": ..., "c_kernel_ms": ..., "eager_ms": ..., "speedup": ..., "ratios": [...], "windows_per_s":
 {"c_kernel": ..., "eager": ...}, "cpu": {...}, "gemm": "..."}; with --ab malloc {"thp_ms": ...,
 "default_ms": ..., "speedup": ..., "ratios": [...], "faults_per_step": {"thp": ..., "default": ...},
@@ -239,9 +243,42 @@ def _threads_ab(args) -> int:
     return 0
 
 
+def _block_ab(args) -> int:
+    """Each block as one fused autograd node (timemae_dist/kernels/cpu_block.py) vs op by op on the same
+    fused kernels (``cpu_block.disabled()``), switched between blocks of steps."""
+    import contextlib
+
+    from timemae_dist.hostinfo import cpu_info, describe_cpu
+    from timemae_dist.kernels import cpu_block, cpu_fused
+    from timemae_dist.mkl_avx512 import describe
+
+    cpu_fused.KERNEL.available("on")
+    cfg, batches, step, _ = _setup(args)
+    with contextlib.ExitStack() as stack:
+        def arm(per_op):
+            def enter():
+                stack.close()
+                if per_op:
+                    stack.enter_context(cpu_block.disabled())
+                return step
+            return enter
+
+        ms = _alternate({"block": arm(False), "per_op": arm(True)}, batches, args.rounds)
+        stack.close()
+    med = {a: statistics.median(v) for a, v in ms.items()}
+    bs = cfg.trainer.micro_batch_size
+    header = f"CPU: {describe_cpu()}; {describe()}; torch threads {args.threads}; one node per block vs op by op"
+    speedup, ratios = _report(ms, bs, header, "per_op", "block", args)
+    if args.json:
+        print(json.dumps({"block_ms": med["block"], "per_op_ms": med["per_op"], "speedup": speedup, "ratios": ratios,
+                          "windows_per_s": {a: bs / med[a] * 1e3 for a in ms}, "blocks_ms": ms, "cpu": cpu_info(),
+                          "gemm": describe()}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ab", choices=("dropout", "fused", "malloc", "threads"), default="dropout")
+    p.add_argument("--ab", choices=("dropout", "fused", "block", "malloc", "threads"), default="dropout")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--store", default=str(REPO / "stores" / "hapt_har"))
     p.add_argument("--threads", type=int, default=2)
@@ -255,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         return _malloc_ab(args)
     if args.ab == "threads":
         return _threads_ab(args)
+    if args.ab == "block":
+        return _block_ab(args)
 
     return _kernel_ab(args)
 

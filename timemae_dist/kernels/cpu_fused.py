@@ -27,6 +27,12 @@ dweight, dbias; the mask regenerated from its seed instead of stored). The mask 
 ``keep_mask(y, p)`` draws through the C dropout kernel (same seed draw, same stream), so a run
 with the fused residual draws the same masks as one without.
 
+For :mod:`timemae_dist.kernels.cpu_block` (a whole block as one autograd node) the residual
+kernel also takes a bias of ``y`` (the GEMM before it then runs without one) and sums its
+gradient, and a GELU variant runs on ``h + b`` and sums ``b``'s gradient; the functional
+forms (``attn_forward``/``attn_backward``, ``resnorm_forward``/``resnorm_backward``,
+``gelu_bias_forward``/``gelu_bias_backward``) run the kernels without autograd.
+
 **GELU.** The exact form ``x * Phi(x)`` (as ``F.gelu``) with Phi from Abramowitz & Stegun 7.1.26
 (absolute error <= 1.5e-7, one ``exp`` shared with the pdf the backward needs). About as fast as
 torch's forward, 2x faster than its backward (which evaluates erf and exp separately).
@@ -105,13 +111,24 @@ AVX512 static inline __m512 exp16(__m512 x) {
 }
 
 /* Dropout mask values of flat elements start .. start + n - 1, as timemae_keep_mask_f32 writes
-   them (one SplitMix64 output per 4 elements; branch-free, so the compiler vectorises it). */
+   them: element i takes 15 bits of SplitMix64 output (i >> 2) + 1, so one hash serves 4 elements
+   (the aligned groups hash once; a group cut by start or the end, once per element). */
+static inline float keep_one(uint64_t seed, uint64_t i, int32_t thr, float scale) {
+    const uint64_t z = splitmix64(seed + ((i >> 2) + 1) * GOLDEN);
+    return (int32_t)((z >> ((i & 3) * 16)) & 0x7fff) < thr ? scale : 0.0f;
+}
+
 AVX512 static inline void keep_block(float *m, uint64_t seed, uint64_t start, int64_t n, int32_t thr, float scale) {
-    for (int64_t t = 0; t < n; ++t) {
-        const uint64_t i = start + (uint64_t)t;
-        const uint64_t z = splitmix64(seed + ((i >> 2) + 1) * GOLDEN);
-        m[t] = (int32_t)((z >> ((i & 3) * 16)) & 0x7fff) < thr ? scale : 0.0f;
+    int64_t t = 0;
+    for (; t < n && ((start + (uint64_t)t) & 3); ++t) m[t] = keep_one(seed, start + (uint64_t)t, thr, scale);
+    const int64_t groups = (n - t) >> 2;
+    const uint64_t g0 = (start + (uint64_t)t) >> 2;
+    float *mg = m + t;
+    for (int64_t g = 0; g < groups; ++g) {
+        const uint64_t z = splitmix64(seed + (g0 + (uint64_t)g + 1) * GOLDEN);
+        for (int j = 0; j < 4; ++j) mg[4 * g + j] = (int32_t)((z >> (16 * j)) & 0x7fff) < thr ? scale : 0.0f;
     }
+    for (t += 4 * groups; t < n; ++t) m[t] = keep_one(seed, start + (uint64_t)t, thr, scale);
 }
 
 /* One (batch, head) pair: keys are the 16 lanes of a vector (K <= 16, lanes >= K masked), the
@@ -236,7 +253,8 @@ AVX512 void timemae_attn_bwd(const float *go, const float *q, int64_t qbs, int64
     }
 }
 
-/* Post-LN residual: out = LayerNorm(x + a * m * y) over rows of D, m the inverted-dropout mask
+/* Post-LN residual: out = LayerNorm(x + a * m * (y + yb)) over rows of D (yb a (D,) bias of y, or
+   NULL for none), m the inverted-dropout mask
    of flat element n * D + d (as timemae_keep_mask_f32 writes it for a (N, D) tensor), and its
    backward. D a multiple of 16, <= 1024. */
 #define MAX_D 1024
@@ -244,9 +262,10 @@ AVX512 void timemae_attn_bwd(const float *go, const float *q, int64_t qbs, int64
 AVX512 static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 /* z (N, D) saved for the backward when not NULL (else out holds it in between). */
-AVX512 void timemae_resnorm_fwd(const float *x, const float *y, int64_t N, int64_t D, float a, int32_t thr,
-                                float dscale, const int64_t *seed_ptr, const float *gamma, const float *beta,
-                                float eps, float *out, float *z, float *mean, float *rstd, int32_t nthreads) {
+AVX512 void timemae_resnorm_fwd(const float *x, const float *y, const float *yb, int64_t N, int64_t D, float a,
+                                int32_t thr, float dscale, const int64_t *seed_ptr, const float *gamma,
+                                const float *beta, float eps, float *out, float *z, float *mean, float *rstd,
+                                int32_t nthreads) {
     const uint64_t seed = thr > 0 ? (uint64_t)seed_ptr[0] : 0;
     const float invD = 1.0f / (float)D;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
@@ -260,7 +279,9 @@ AVX512 void timemae_resnorm_fwd(const float *x, const float *y, int64_t N, int64
         for (int64_t d = 0; d < D; d += 16) {
             __m512 s = av;
             if (thr > 0) s = _mm512_mul_ps(s, _mm512_load_ps(m + d));
-            const __m512 zv = _mm512_fmadd_ps(s, _mm512_loadu_ps(yr + d), _mm512_loadu_ps(xr + d));
+            __m512 yv = _mm512_loadu_ps(yr + d);
+            if (yb) yv = _mm512_add_ps(yv, _mm512_loadu_ps(yb + d));
+            const __m512 zv = _mm512_fmadd_ps(s, yv, _mm512_loadu_ps(xr + d));
             _mm512_storeu_ps(zr + d, zv);
             acc = _mm512_add_ps(acc, zv);
         }
@@ -282,20 +303,20 @@ AVX512 void timemae_resnorm_fwd(const float *x, const float *y, int64_t N, int64
 }
 
 /* Gradients: dx (= dz), dy = dz * a * m (NULL: not needed), and per chunk of `chunk` rows the
-   partial sums partial[c] = [dgamma (D), dbeta (D), da (1)], summed over chunks by the caller
+   partial sums partial[c] = [dgamma (D), dbeta (D), dyb (D, = the rows' sum of dy), da (1)], summed over chunks by the caller
    (fixed chunks: the result does not depend on the thread count). */
-AVX512 void timemae_resnorm_bwd(const float *go, const float *z, const float *y, const float *mean,
-                                const float *rstd, const float *gamma, int64_t N, int64_t D, float a, int32_t thr,
-                                float dscale, const int64_t *seed_ptr, float *dx, float *dy, float *partial,
-                                int64_t chunk, int32_t nthreads) {
+AVX512 void timemae_resnorm_bwd(const float *go, const float *z, const float *y, const float *yb,
+                                const float *mean, const float *rstd, const float *gamma, int64_t N, int64_t D,
+                                float a, int32_t thr, float dscale, const int64_t *seed_ptr, float *dx, float *dy,
+                                float *partial, int64_t chunk, int32_t nthreads) {
     const uint64_t seed = thr > 0 ? (uint64_t)seed_ptr[0] : 0;
     const float invD = 1.0f / (float)D;
     const int64_t nchunks = (N + chunk - 1) / chunk;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t c = 0; c < nchunks; ++c) {
         float m[MAX_D] __attribute__((aligned(64)));
-        float *pg = partial + c * (2 * D + 1), *pb = pg + D;
-        for (int64_t d = 0; d < 2 * D + 1; ++d) pg[d] = 0.0f;
+        float *pg = partial + c * (3 * D + 1), *pb = pg + D, *py = pg + 2 * D;
+        for (int64_t d = 0; d < 3 * D + 1; ++d) pg[d] = 0.0f;
         __m512 da = _mm512_setzero_ps();
         const __m512 av = _mm512_set1_ps(a);
         const int64_t end = (c + 1) * chunk < N ? (c + 1) * chunk : N;
@@ -321,12 +342,15 @@ AVX512 void timemae_resnorm_bwd(const float *go, const float *z, const float *y,
                 const __m512 dz = _mm512_mul_ps(rv, _mm512_sub_ps(_mm512_sub_ps(dxh, m1), _mm512_mul_ps(xh, m2)));
                 _mm512_storeu_ps(dx + n * D + d, dz);
                 const __m512 mv = thr > 0 ? _mm512_load_ps(m + d) : _mm512_set1_ps(1.0f);
-                const __m512 dzm = _mm512_mul_ps(dz, mv);
-                if (dy) _mm512_storeu_ps(dy + n * D + d, _mm512_mul_ps(dzm, av));
-                da = _mm512_fmadd_ps(dzm, _mm512_loadu_ps(yr + d), da);
+                const __m512 dzm = _mm512_mul_ps(dz, mv), dyv = _mm512_mul_ps(dzm, av);
+                if (dy) _mm512_storeu_ps(dy + n * D + d, dyv);
+                _mm512_storeu_ps(py + d, _mm512_add_ps(dyv, _mm512_loadu_ps(py + d)));
+                __m512 yv = _mm512_loadu_ps(yr + d);
+                if (yb) yv = _mm512_add_ps(yv, _mm512_loadu_ps(yb + d));
+                da = _mm512_fmadd_ps(dzm, yv, da);
             }
         }
-        pg[2 * D] = hsum(da);
+        pg[3 * D] = hsum(da);
     }
 }
 
@@ -349,6 +373,36 @@ AVX512 static inline void normal_cdf_pdf(__m512 x, __m512 *cdf, __m512 *pdf) {
     const __mmask16 pos = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
     *cdf = _mm512_mask_sub_ps(q, pos, _mm512_set1_ps(1.0f), q);
     *pdf = _mm512_mul_ps(e, _mm512_set1_ps(0.39894228040143268f));
+}
+
+/* GELU of h + b (h (rows, cols) row-major, b (cols,), cols a multiple of 16): g == NULL: out =
+   gelu(h + b); else out = g * gelu'(h + b) and, per chunk of `chunk` rows, partial[c] (cols) =
+   the chunk's column sums of out (the bias gradient, summed over chunks by the caller). */
+AVX512 void timemae_gelu_bias(const float *h, const float *b, const float *g, float *out, float *partial,
+                              int64_t rows, int64_t cols, int64_t chunk, int32_t nthreads) {
+    const int64_t nchunks = (rows + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t c = 0; c < nchunks; ++c) {
+        const int64_t end = (c + 1) * chunk < rows ? (c + 1) * chunk : rows;
+        float *pc = g ? partial + c * cols : NULL;
+        if (pc) for (int64_t j = 0; j < cols; ++j) pc[j] = 0.0f;
+        for (int64_t r = c * chunk; r < end; ++r) {
+            const float *hr = h + r * cols;
+            float *orow = out + r * cols;
+            for (int64_t j = 0; j < cols; j += 16) {
+                const __m512 v = _mm512_add_ps(_mm512_loadu_ps(hr + j), _mm512_loadu_ps(b + j));
+                __m512 cdf, pdf;
+                normal_cdf_pdf(v, &cdf, &pdf);
+                if (g) {
+                    const __m512 d = _mm512_mul_ps(_mm512_loadu_ps(g + r * cols + j), _mm512_fmadd_ps(v, pdf, cdf));
+                    _mm512_storeu_ps(orow + j, d);
+                    _mm512_storeu_ps(pc + j, _mm512_add_ps(d, _mm512_loadu_ps(pc + j)));
+                } else {
+                    _mm512_storeu_ps(orow + j, _mm512_mul_ps(v, cdf));
+                }
+            }
+        }
+    }
 }
 
 #define GELU_CHUNK 4096
@@ -389,14 +443,16 @@ def _setup(lib) -> None:
     lib.timemae_attn_bwd.argtypes = [_P, _P, _I, _I, _P, _I, _I, _P, _I, _I, _P, _P, _I, _I, _I, _I, _I,
                                      ctypes.c_float, _P, _I, _I, _P, _I, _I, _P, _I, _I, ctypes.c_int32]
     lib.timemae_attn_bwd.restype = None
-    lib.timemae_resnorm_fwd.argtypes = [_P, _P, _I, _I, ctypes.c_float, ctypes.c_int32, ctypes.c_float, _P, _P, _P,
-                                        ctypes.c_float, _P, _P, _P, _P, ctypes.c_int32]
+    lib.timemae_resnorm_fwd.argtypes = [_P, _P, _P, _I, _I, ctypes.c_float, ctypes.c_int32, ctypes.c_float, _P, _P,
+                                        _P, ctypes.c_float, _P, _P, _P, _P, ctypes.c_int32]
     lib.timemae_resnorm_fwd.restype = None
-    lib.timemae_resnorm_bwd.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, ctypes.c_float, ctypes.c_int32,
+    lib.timemae_resnorm_bwd.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I, _I, ctypes.c_float, ctypes.c_int32,
                                         ctypes.c_float, _P, _P, _P, _P, _I, ctypes.c_int32]
     lib.timemae_resnorm_bwd.restype = None
     lib.timemae_gelu.argtypes = [_P, _P, _P, _I, ctypes.c_int32]
     lib.timemae_gelu.restype = None
+    lib.timemae_gelu_bias.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int32]
+    lib.timemae_gelu_bias.restype = None
 
 
 # -fopenmp first (one thread pool: torch's libgomp, see the module docstring); without OpenMP the
@@ -478,46 +534,65 @@ def _layout(q_t: torch.Tensor, kv_t: Optional[torch.Tensor], D: int) -> list:
     return args
 
 
+def _attn_dims(q_src: torch.Tensor, kv_src: Optional[torch.Tensor]) -> tuple[int, int, int]:
+    """``(D, Q, K)`` of an attention's projection output(s) (see :func:`_layout`)."""
+    if kv_src is None:
+        return q_src.shape[-1] // 3, q_src.shape[1], q_src.shape[1]
+    return q_src.shape[-1], q_src.shape[1], kv_src.shape[1]
+
+
+def attn_forward(q_src: torch.Tensor, kv_src: Optional[torch.Tensor], num_heads: int, p: float, training: bool,
+                 grad: bool) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The attention core's forward on contiguous projection output(s) (no autograd): ``(out, P, M)``,
+    ``out`` (B, Q, D); the probabilities ``P`` and dropout mask ``M`` (B, H, Q, K) when ``grad``
+    (the backward's inputs), else None. Draws one seed from torch's generator when dropping out."""
+    B = q_src.shape[0]
+    D, Q, K = _attn_dims(q_src, kv_src)
+    Dh = D // num_heads
+    dropout = training and p > 0.0
+    thr, dscale = _keep(p) if dropout else (0, 1.0)
+    seed = torch.empty(1, dtype=torch.int64).random_() if dropout else torch.zeros(1, dtype=torch.int64)
+    out = torch.empty(B, Q, D, dtype=torch.float32)
+    P = torch.empty(B, num_heads, Q, K, dtype=torch.float32) if grad else None
+    M = torch.empty(B, num_heads, Q, K, dtype=torch.float32) if grad else None
+    KERNEL.lib.timemae_attn_fwd(*_layout(q_src, kv_src, D), B, num_heads, Q, K, Dh, Dh**-0.5, thr, dscale,
+                                seed.data_ptr(), out.data_ptr(), P.data_ptr() if grad else None,
+                                M.data_ptr() if grad else None, torch.get_num_threads())
+    return out, P, M
+
+
+def attn_backward(grad_out: torch.Tensor, q_src: torch.Tensor, kv_src: Optional[torch.Tensor], P: torch.Tensor,
+                  M: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Gradients of :func:`attn_forward` w.r.t. its projection output(s): ``(dq_src, dkv_src)``
+    (``dkv_src`` None for self-attention), laid out like ``q_src`` / ``kv_src``."""
+    B = q_src.shape[0]
+    D, Q, K = _attn_dims(q_src, kv_src)
+    go = grad_out.contiguous()
+    gq = torch.empty_like(q_src)
+    gkv = None if kv_src is None else torch.empty_like(kv_src)
+    Dh = D // num_heads
+    KERNEL.lib.timemae_attn_bwd(go.data_ptr(), *_layout(q_src, kv_src, D), P.data_ptr(), M.data_ptr(), B, num_heads,
+                                Q, K, Dh, Dh**-0.5, *_layout(gq, gkv, D), torch.get_num_threads())
+    return gq, gkv
+
+
 class _AttentionCore(torch.autograd.Function):
     """``(q_src, kv_src)`` -> ``o`` (B, Q, H * Dh). ``kv_src is None``: ``q_src`` is the
     self-attention's ``(B, N, 3 * D)`` q|k|v; else ``q_src`` (B, Q, D), ``kv_src`` (B, K, 2 * D)."""
 
     @staticmethod
     def forward(ctx, q_src, kv_src, num_heads: int, p: float, training: bool):
-        lib = KERNEL.lib
-        B = q_src.shape[0]
-        if kv_src is None:
-            D = q_src.shape[-1] // 3
-            Q = K = q_src.shape[1]
-        else:
-            D = q_src.shape[-1]
-            Q, K = q_src.shape[1], kv_src.shape[1]
-        Dh = D // num_heads
-        dropout = training and p > 0.0
-        thr, dscale = _keep(p) if dropout else (0, 1.0)
-        seed = torch.empty(1, dtype=torch.int64).random_() if dropout else torch.zeros(1, dtype=torch.int64)
         grad = any(ctx.needs_input_grad[:2])
-        out = torch.empty(B, Q, D, dtype=torch.float32)
-        P = torch.empty(B, num_heads, Q, K, dtype=torch.float32) if grad else None
-        M = torch.empty(B, num_heads, Q, K, dtype=torch.float32) if grad else None
-        lib.timemae_attn_fwd(*_layout(q_src, kv_src, D), B, num_heads, Q, K, Dh, Dh**-0.5, thr, dscale, seed.data_ptr(),
-                             out.data_ptr(), P.data_ptr() if grad else None, M.data_ptr() if grad else None,
-                             torch.get_num_threads())
+        out, P, M = attn_forward(q_src, kv_src, num_heads, p, training, grad)
         if grad:
             ctx.save_for_backward(q_src, kv_src, P, M)
-            ctx.meta = (num_heads, D, Q, K, kv_src is None)
+            ctx.num_heads = num_heads
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q_src, kv_src, P, M = ctx.saved_tensors
-        H, D, Q, K, is_self = ctx.meta
-        B = q_src.shape[0]
-        go = grad_out.contiguous()
-        gq = torch.empty_like(q_src)
-        gkv = None if is_self else torch.empty_like(kv_src)
-        KERNEL.lib.timemae_attn_bwd(go.data_ptr(), *_layout(q_src, kv_src, D), P.data_ptr(), M.data_ptr(), B, H, Q, K,
-                                    D // H, (D // H) ** -0.5, *_layout(gq, gkv, D), torch.get_num_threads())
+        gq, gkv = attn_backward(grad_out, q_src, kv_src, P, M, ctx.num_heads)
         return gq, gkv, None, None, None
 
 
@@ -548,48 +623,66 @@ def applies_residual(x: torch.Tensor, y: torch.Tensor) -> bool:
     return KERNEL.usable("the eager residual LayerNorm")
 
 
+def resnorm_forward(x: torch.Tensor, y: torch.Tensor, a_val: float, weight: torch.Tensor, bias: torch.Tensor,
+                    eps: float, p: float, grad: bool,
+                    y_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[tuple]]:
+    """``LayerNorm(x + a_val * mask * (y + y_bias))`` of contiguous ``(..., D)`` tensors (``y_bias`` a
+    (D,) bias, None for none; no autograd): ``(out, saved)``, ``saved`` what :func:`resnorm_backward`
+    needs (None unless ``grad``). Draws one seed from torch's generator when ``p > 0``."""
+    D = x.shape[-1]
+    N = x.numel() // D
+    dropout = p > 0.0
+    thr, dscale = _keep(p) if dropout else (0, 1.0)
+    seed = torch.empty(1, dtype=torch.int64).random_() if dropout else torch.zeros(1, dtype=torch.int64)
+    out = torch.empty_like(x)
+    z = torch.empty_like(x) if grad else None
+    mean = torch.empty(N, dtype=torch.float32) if grad else None
+    rstd = torch.empty(N, dtype=torch.float32) if grad else None
+    KERNEL.lib.timemae_resnorm_fwd(x.data_ptr(), y.data_ptr(), _ptr(y_bias), N, D, a_val, thr, dscale,
+                                   seed.data_ptr(), weight.data_ptr(), bias.data_ptr(), eps, out.data_ptr(), _ptr(z),
+                                   _ptr(mean), _ptr(rstd), torch.get_num_threads())
+    return out, ((y, y_bias, weight, z, mean, rstd, seed), (N, D, a_val, thr, dscale)) if grad else None
+
+
+def resnorm_backward(grad_out: torch.Tensor, saved: tuple, need_dy: bool = True):
+    """Gradients of :func:`resnorm_forward`: ``(dx, dy, da, dweight, dbias, dy_bias)`` (``dy`` None
+    unless ``need_dy``; ``da`` a (1,) tensor, the gradient of ``a_val``; ``dy_bias`` the rows' sum
+    of ``dy``, the gradient of ``y_bias``)."""
+    (y, y_bias, weight, z, mean, rstd, seed), (N, D, a_val, thr, dscale) = saved
+    go = grad_out.contiguous()
+    dx = torch.empty_like(go)
+    dy = torch.empty_like(go) if need_dy else None
+    nchunks = (N + _CHUNK - 1) // _CHUNK
+    partial = torch.empty(nchunks, 3 * D + 1, dtype=torch.float32)
+    KERNEL.lib.timemae_resnorm_bwd(go.data_ptr(), z.data_ptr(), y.data_ptr(), _ptr(y_bias), mean.data_ptr(),
+                                   rstd.data_ptr(), weight.data_ptr(), N, D, a_val, thr, dscale, seed.data_ptr(),
+                                   dx.data_ptr(), _ptr(dy), partial.data_ptr(), _CHUNK, torch.get_num_threads())
+    sums = partial.sum(0)
+    return dx, dy, sums[3 * D:].clone(), sums[:D].clone(), sums[D:2 * D].clone(), sums[2 * D:3 * D].clone()
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
 class _ResidualNorm(torch.autograd.Function):
     """``(x, y, a, weight, bias)`` -> ``LayerNorm(x + a * mask * y)``; ``a`` a (1,) parameter or
     None (the constant 1); the mask regenerated from its seed in the backward (not stored)."""
 
     @staticmethod
     def forward(ctx, x, y, a, weight, bias, eps: float, p: float):
-        D = x.shape[-1]
-        N = x.numel() // D
-        dropout = p > 0.0
-        thr, dscale = _keep(p) if dropout else (0, 1.0)
-        seed = torch.empty(1, dtype=torch.int64).random_() if dropout else torch.zeros(1, dtype=torch.int64)
-        a_val = 1.0 if a is None else float(a)
         grad = any(ctx.needs_input_grad[:5])
-        out = torch.empty_like(x)
-        z = torch.empty_like(x) if grad else None
-        mean = torch.empty(N, dtype=torch.float32) if grad else None
-        rstd = torch.empty(N, dtype=torch.float32) if grad else None
-        ptr = (lambda t: None if t is None else t.data_ptr())
-        KERNEL.lib.timemae_resnorm_fwd(x.data_ptr(), y.data_ptr(), N, D, a_val, thr, dscale, seed.data_ptr(),
-                                       weight.data_ptr(), bias.data_ptr(), eps, out.data_ptr(), ptr(z), ptr(mean),
-                                       ptr(rstd), torch.get_num_threads())
+        out, saved = resnorm_forward(x, y, 1.0 if a is None else float(a), weight, bias, eps, p, grad)
         if grad:
-            ctx.save_for_backward(y, weight, z, mean, rstd, seed)
-            ctx.meta = (N, D, a_val, thr, dscale, a is not None)
+            ctx.save_for_backward(*saved[0])
+            ctx.meta = saved[1]
+            ctx.has_a = a is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        y, weight, z, mean, rstd, seed = ctx.saved_tensors
-        N, D, a_val, thr, dscale, has_a = ctx.meta
-        go = grad_out.contiguous()
-        dx = torch.empty_like(go)
-        dy = torch.empty_like(go) if ctx.needs_input_grad[1] else None
-        nchunks = (N + _CHUNK - 1) // _CHUNK
-        partial = torch.empty(nchunks, 2 * D + 1, dtype=torch.float32)
-        KERNEL.lib.timemae_resnorm_bwd(go.data_ptr(), z.data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-                                       weight.data_ptr(), N, D, a_val, thr, dscale, seed.data_ptr(), dx.data_ptr(),
-                                       None if dy is None else dy.data_ptr(), partial.data_ptr(), _CHUNK,
-                                       torch.get_num_threads())
-        sums = partial.sum(0)
-        da = sums[2 * D:].clone() if has_a else None
-        return dx, dy, da, sums[:D].clone(), sums[D:2 * D].clone(), None, None
+        dx, dy, da, dw, db, _ = resnorm_backward(grad_out, (ctx.saved_tensors, ctx.meta), ctx.needs_input_grad[1])
+        return dx, dy, da if ctx.has_a else None, dw, db, None, None
 
 
 def residual_norm(x: torch.Tensor, y: torch.Tensor, a: Optional[torch.Tensor], norm: torch.nn.LayerNorm,
@@ -611,22 +704,53 @@ def applies_gelu(h: torch.Tensor) -> bool:
     return KERNEL.usable("torch's GELU")
 
 
+def gelu_forward(h: torch.Tensor) -> torch.Tensor:
+    """``h * Phi(h)`` of a contiguous float32 tensor (no autograd)."""
+    out = torch.empty_like(h)
+    KERNEL.lib.timemae_gelu(h.data_ptr(), None, out.data_ptr(), h.numel(), torch.get_num_threads())
+    return out
+
+
+def gelu_backward(h: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """The gradient of :func:`gelu_forward` at ``h`` times ``grad_out``."""
+    g = grad_out.contiguous()
+    dh = torch.empty_like(h)
+    KERNEL.lib.timemae_gelu(h.data_ptr(), g.data_ptr(), dh.data_ptr(), h.numel(), torch.get_num_threads())
+    return dh
+
+
+def gelu_bias_forward(h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``gelu(h + b)`` of a contiguous ``(rows, cols)`` float32 ``h`` and ``(cols,)`` ``b``, ``cols`` a
+    multiple of 16 (no autograd)."""
+    out = torch.empty_like(h)
+    KERNEL.lib.timemae_gelu_bias(h.data_ptr(), b.data_ptr(), None, out.data_ptr(), None, h.shape[0], h.shape[1],
+                                 _CHUNK, torch.get_num_threads())
+    return out
+
+
+def gelu_bias_backward(h: torch.Tensor, b: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`gelu_bias_forward`: ``(dh, db)`` (``db`` the rows' sum of ``dh``, over
+    fixed row chunks)."""
+    g = grad_out.contiguous()
+    dh = torch.empty_like(h)
+    rows, cols = h.shape
+    partial = torch.empty((rows + _CHUNK - 1) // _CHUNK, cols, dtype=torch.float32)
+    KERNEL.lib.timemae_gelu_bias(h.data_ptr(), b.data_ptr(), g.data_ptr(), dh.data_ptr(), partial.data_ptr(), rows,
+                                 cols, _CHUNK, torch.get_num_threads())
+    return dh, partial.sum(0)
+
+
 class _Gelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h):
-        out = torch.empty_like(h)
-        KERNEL.lib.timemae_gelu(h.data_ptr(), None, out.data_ptr(), h.numel(), torch.get_num_threads())
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(h)
-        return out
+        return gelu_forward(h)
 
     @staticmethod
     def backward(ctx, grad_out):
         (h,) = ctx.saved_tensors
-        g = grad_out.contiguous()
-        dh = torch.empty_like(h)
-        KERNEL.lib.timemae_gelu(h.data_ptr(), g.data_ptr(), dh.data_ptr(), h.numel(), torch.get_num_threads())
-        return dh
+        return gelu_backward(h, grad_out)
 
 
 def gelu(h: torch.Tensor) -> torch.Tensor:

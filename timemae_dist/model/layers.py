@@ -35,7 +35,9 @@ CPU speed (same math, same parameters and state-dict keys; see benchmarks/bench_
   four) in one C kernel reading the heads straight from the projections, and the post-LN
   residual ``norm(x + dropout(a * y))`` in another, and the feed-forward's GELU in a third
   (:mod:`timemae_dist.kernels.cpu_fused`; same equations; the residual draws the same dropout
-  masks as the C dropout kernel, the attention its own; ``trainer.cpu_fused``).
+  masks as the C dropout kernel, the attention its own; ``trainer.cpu_fused``); there each whole
+  block also runs as one autograd node with its backward written out and three of its biases
+  folded into those kernels (:mod:`timemae_dist.kernels.cpu_block`; not under ZeRO-3).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timemae_dist.kernels import cpu_dropout, cpu_fused
+from timemae_dist.kernels import cpu_block, cpu_dropout, cpu_fused
 
 __all__ = [
     "MultiHeadAttention",
@@ -202,6 +204,8 @@ class TransformerBlock(nn.Module):
         self.res2 = ResidualNorm(d_model, enable_res_parameter, dropout)
 
     def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
+        if cpu_block.applies(self, x_BND):
+            return cpu_block.block_forward(self, x_BND)
         x_BND = self.res1(x_BND, self.attn(x_BND, x_BND))
         return self.res2(x_BND, self.ffn.inner(x_BND), y_dropout=self.ffn.dropout.p)
 
@@ -213,6 +217,8 @@ class CrossAttentionBlock(TransformerBlock):
     """
 
     def forward(self, q_BMD: torch.Tensor, kv_BVD: torch.Tensor) -> torch.Tensor:
+        if cpu_block.applies(self, q_BMD, kv_BVD):
+            return cpu_block.block_forward(self, q_BMD, kv_BVD)
         q_BMD = self.res1(q_BMD, self.attn(q_BMD, kv_BVD))
         return self.res2(q_BMD, self.ffn.inner(q_BMD), y_dropout=self.ffn.dropout.p)
 

@@ -1,0 +1,185 @@
+"""A whole block as one autograd node on CPU (timemae_dist/kernels/cpu_block.py), built for real:
+forward and every gradient against the per-op fused path (same kernels, same dropout draws) and,
+without dropout, against the eager ops; the bias-folding kernels (GELU of h + b, the residual's
+bias of y) against eager math; the inputs and parameters that keep the per-op path; the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from timemae_dist.kernels import cpu_block, cpu_fused
+from timemae_dist.model.layers import CrossAttentionBlock, TransformerBlock
+
+pytestmark = pytest.mark.skipif(not cpu_fused.available("auto"),
+                                reason=f"fused CPU kernels unavailable here: {cpu_fused.KERNEL.why}")
+
+
+@pytest.fixture(autouse=True)
+def fused_on(monkeypatch):
+    monkeypatch.setenv("TIMEMAE_CPU_FUSED", "on")
+
+
+def _block(cross: bool, enable_a: bool, d_model=64, heads=4, d_ffn=256, dropout=0.2):
+    torch.manual_seed(0)
+    blk = (CrossAttentionBlock if cross else TransformerBlock)(d_model, heads, d_ffn, enable_a, dropout)
+    with torch.no_grad():  # make every parameter matter (the official init sets a = 1e-8, biases 0.1)
+        for p in blk.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        if enable_a:
+            blk.res1.a.fill_(0.7)
+            blk.res2.a.fill_(-0.4)
+    return blk
+
+
+def _inputs(cross: bool, B=6, N=9, K=7, D=64):
+    torch.manual_seed(1)
+    x = torch.randn(B, N, D, requires_grad=True)
+    kv = torch.randn(B, K, D, requires_grad=True) if cross else None
+    return x, kv
+
+
+def _run(blk, x, kv, seed=5):
+    """Output, gradients of (x, kv, *parameters) for a fixed upstream gradient, and the generator
+    state after the forward (which random draws it made)."""
+    torch.manual_seed(seed)
+    out = blk(x) if kv is None else blk(x, kv)
+    rng = torch.get_rng_state()
+    ins = [x] + ([kv] if kv is not None else []) + list(blk.parameters())
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    return out.detach(), torch.autograd.grad(out, ins, g), rng
+
+
+def _assert_grads_close(got, want, names):
+    # k_proj.bias's gradient is zero in exact arithmetic (a softmax is blind to a per-row constant):
+    # both paths give float noise there, so every tensor is compared at the scale of all gradients
+    scale = max(w.abs().max().item() for w in want)
+    for n, a, b in zip(names, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale, msg=n)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("enable_a", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_block_node_matches_the_per_op_fused_path(cross, enable_a, training):
+    blk = _block(cross, enable_a).train(training)
+    x, kv = _inputs(cross)
+    assert cpu_block.applies(blk, x, kv)
+    out, grads, rng = _run(blk, x, kv)
+    with cpu_block.disabled():
+        assert not cpu_block.applies(blk, x, kv)
+        ref_out, ref_grads, ref_rng = _run(blk, x, kv)
+    assert torch.equal(rng, ref_rng)  # the same random draws (attention, then the two residuals)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    names = ["x"] + (["kv"] if cross else []) + [n for n, _ in blk.named_parameters()]
+    _assert_grads_close(grads, ref_grads, names)
+    if training:  # dropout is on: another seed gives another output
+        assert not torch.allclose(_run(blk, x, kv, seed=6)[0], out)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_block_node_matches_the_eager_ops_without_dropout(cross, monkeypatch):
+    blk = _block(cross, True).eval()
+    x, kv = _inputs(cross)
+    out, grads, _ = _run(blk, x, kv)
+    monkeypatch.setenv("TIMEMAE_CPU_FUSED", "off")
+    assert not cpu_block.applies(blk, x, kv)
+    ref_out, ref_grads, _ = _run(blk, x, kv)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    names = ["x"] + (["kv"] if cross else []) + [n for n, _ in blk.named_parameters()]
+    _assert_grads_close(grads, ref_grads, names)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_no_grad_forward_equals_the_grad_forward(cross):
+    """The target encoder's path: nothing saved, the same output and draws."""
+    blk = _block(cross, True).train()
+    x, kv = _inputs(cross)
+    out, _, rng = _run(blk, x, kv)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        out_ng = blk(x) if kv is None else blk(x, kv)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(out_ng, out)
+    assert out_ng.grad_fn is None
+
+
+def test_gelu_of_h_plus_bias_matches_torch():
+    torch.manual_seed(0)
+    h = torch.randn(200, 48, requires_grad=True)  # 200 rows: 4 chunks, the last one partial
+    b = torch.randn(48, requires_grad=True)
+    out = cpu_fused.gelu_bias_forward(h.detach(), b.detach())
+    ref = F.gelu(h + b)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-6, atol=2e-6)  # as the plain GELU kernel's test
+    g = torch.randn(200, 48)
+    dh, db = cpu_fused.gelu_bias_backward(h.detach(), b.detach(), g)
+    ref_dh, ref_db = torch.autograd.grad(ref, (h, b), g)
+    torch.testing.assert_close(dh, ref_dh, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(db, ref_db, rtol=1e-5, atol=2e-5)
+
+
+def test_residual_with_a_bias_of_y_matches_eager_math():
+    torch.manual_seed(0)
+    x, y = torch.randn(130, 32, requires_grad=True), torch.randn(130, 32, requires_grad=True)
+    yb, w, bias = (torch.randn(32, requires_grad=True) for _ in range(3))
+    out, saved = cpu_fused.resnorm_forward(x.detach(), y.detach(), 0.6, w.detach(), bias.detach(), 1e-5, 0.0, True,
+                                           yb.detach())
+    ref = F.layer_norm(x + 0.6 * (y + yb), (32,), w, bias, 1e-5)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-5)
+    g = torch.randn(130, 32)
+    dx, dy, da, dw, db, dyb = cpu_fused.resnorm_backward(g, saved)
+    a = torch.tensor([0.6], requires_grad=True)
+    ref = F.layer_norm(x + a * (y + yb), (32,), w, bias, 1e-5)
+    want = torch.autograd.grad(ref, (x, y, a, w, bias, yb), g)
+    for name, got, exp in zip(("dx", "dy", "da", "dweight", "dbias", "dy_bias"), (dx, dy, da, dw, db, dyb), want):
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def _bf16_autocast(blk, x, kv):
+    with torch.autocast("cpu", torch.bfloat16):
+        return cpu_block.applies(blk, x, kv)
+
+
+@pytest.mark.parametrize("case", ["zero3_partition", "autocast", "narrow_heads", "ffn_width", "float64", "switch_off",
+                                  "wide_keys"])
+def test_inputs_that_keep_the_per_op_path(case, monkeypatch):
+    cross = case == "wide_keys"
+    blk = _block(cross, True, heads=8 if case == "narrow_heads" else 4, d_ffn=200 if case == "ffn_width" else 256)
+    x, kv = _inputs(cross, K=17 if case == "wide_keys" else 7)
+    if case == "zero3_partition":
+        blk.attn.q_proj.weight.ds_id = 0  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
+    elif case == "float64":
+        blk, x = blk.double(), x.double()
+    elif case == "switch_off":
+        monkeypatch.setenv("TIMEMAE_CPU_FUSED", "off")
+    if case == "autocast":
+        assert not _bf16_autocast(blk, x, kv)
+    else:
+        assert not cpu_block.applies(blk, x, kv)
+    if case != "autocast":  # the block still runs (per-op path)
+        out = blk(x) if kv is None else blk(x, kv)
+        assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_model_step_matches_the_per_op_path():
+    """Official size: loss and gradients of a TimeMAE pretraining forward agree between the two paths."""
+    from timemae_dist.model import TimeMAE, TimeMAEConfig
+
+    torch.manual_seed(0)
+    model = TimeMAE(TimeMAEConfig(in_channels=3, seq_len=128, d_model=64, num_layers=2, num_heads=4, reg_layers=2))
+    model.train()
+    x = torch.randn(16, 3, 128)
+
+    def step():
+        torch.manual_seed(3)
+        out = model(x)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return out["loss"].detach(), torch.autograd.grad(out["loss"], params)
+
+    loss, grads = step()
+    with cpu_block.disabled():
+        ref_loss, ref_grads = step()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    _assert_grads_close(grads, ref_grads, names)

@@ -1,0 +1,150 @@
+"""A whole TimeMAE block (attention + post-LN residual + feed-forward + post-LN residual) as one
+autograd node on CPU, built from the fused kernels of :mod:`timemae_dist.kernels.cpu_fused` and
+torch's GEMMs.
+
+With the fused kernels, a block still runs as ~15 ops forward and ~25 autograd nodes backward
+(views, transposes, ``addmm`` with its bias broadcast copy, a row sum per bias gradient, one
+``AccumulateGrad`` per parameter use), 20 blocks a step. Here a block's forward calls the GEMMs and
+kernels directly with autograd off and records one node; its backward is written out (each GEMM's
+input and weight gradients, the residual branches added in place by ``addmm_``). The output
+projection's, ``linear1``'s and ``linear2``'s biases are added inside the kernels that read those
+GEMMs' outputs (the residual LayerNorm adds a bias of ``y``, GELU runs on ``h + b``), whose
+backward passes also sum the bias gradients (over fixed row chunks, so results do not depend on
+the thread count); the q|k|v projection keeps ``addmm``. Same equations, parameters and random
+draws as the per-op fused path of :class:`timemae_dist.model.layers.TransformerBlock` /
+``CrossAttentionBlock`` (the attention's dropout seed first, then the two residuals', from
+torch's generator), so a run draws the same masks either way; results agree to float32 rounding.
+Measured: ``benchmarks/bench_step_ab.py --ab block``.
+
+Applies where every fused kernel applies to the block (float32 CPU tensors, no autocast, heads
+and shapes the attention kernel takes, widths the residual kernel takes) and the block's
+parameters are whole tensors (not ZeRO-3 partitions, which DeepSpeed gathers per module in hooks
+that this path would bypass). ``trainer.cpu_fused`` / ``$TIMEMAE_CPU_FUSED`` switches it with
+the kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+
+from timemae_dist.kernels import cpu_fused
+
+__all__ = ["applies", "block_forward", "disabled"]
+
+_disabled = 0  # > 0 inside disabled(): blocks run the per-op path
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Blocks run op by op (still on the fused kernels where they apply) inside this context: for
+    A/B measurements (``benchmarks/bench_step_ab.py --ab block``) and parity tests."""
+    global _disabled
+    _disabled += 1
+    try:
+        yield
+    finally:
+        _disabled -= 1
+
+
+def _params(block) -> list[Optional[torch.Tensor]]:
+    """The block's parameters in :class:`_Block`'s argument order (``a`` None when constant 1)."""
+    at, ff, r1, r2 = block.attn, block.ffn, block.res1, block.res2
+    return [at.q_proj.weight, at.q_proj.bias, at.k_proj.weight, at.k_proj.bias, at.v_proj.weight, at.v_proj.bias,
+            at.out_proj.weight, at.out_proj.bias, r1.norm.weight, r1.norm.bias, r1.a,
+            ff.linear1.weight, ff.linear1.bias, ff.linear2.weight, ff.linear2.bias, r2.norm.weight, r2.norm.bias, r2.a]
+
+
+def applies(block, x: torch.Tensor, kv: Optional[torch.Tensor] = None) -> bool:
+    """Whether ``block`` (a ``TransformerBlock``, or a ``CrossAttentionBlock`` when ``kv`` is given)
+    runs as one fused node on these inputs."""
+    if _disabled:
+        return False
+    attn = block.attn
+    keys = x.shape[1] if kv is None else kv.shape[1]
+    if kv is not None and (kv.dtype != torch.float32 or kv.device.type != "cpu" or kv.shape[-1] != x.shape[-1]):
+        return False
+    if x.dim() != 3 or not cpu_fused.applies(x, keys, attn.head_dim) or not cpu_fused.applies_residual(x, x):
+        return False
+    if block.ffn.linear1.out_features % 16:  # the bias + GELU kernel's rows are 16-lane vectors
+        return False
+    w = attn.q_proj.weight
+    # ZeRO-3 partitions carry ds_id (their data is gathered by per-module hooks this path bypasses)
+    return w.dtype == torch.float32 and w.device.type == "cpu" and not hasattr(w, "ds_id")
+
+
+class _Block(torch.autograd.Function):
+    """``(x, kv, *params, meta)`` -> the block's output (B, N, D). ``kv`` None: self-attention."""
+
+    @staticmethod
+    def forward(ctx, x, kv, wq, bq, wk, bk, wv, bv, wo, bo, g1, be1, a1, w1, b1, w2, b2, g2, be2, a2, meta):
+        heads, p_attn, training, p1, p2, eps1, eps2 = meta
+        grad = any(ctx.needs_input_grad)
+        B, N, D = x.shape
+        x2 = x.reshape(B * N, D)
+        if kv is None:
+            w_in = torch.cat([wq, wk, wv])
+            q_src, kv_src, kv2 = torch.addmm(torch.cat([bq, bk, bv]), x2, w_in.t()).view(B, N, 3 * D), None, None
+            w_kv = None
+        else:
+            kv2 = kv.reshape(-1, D)
+            w_in, w_kv = wq, torch.cat([wk, wv])
+            q_src = torch.addmm(bq, x2, wq.t()).view(B, N, D)
+            kv_src = torch.addmm(torch.cat([bk, bv]), kv2, w_kv.t()).view(B, kv.shape[1], 2 * D)
+        o, P, M = cpu_fused.attn_forward(q_src, kv_src, heads, p_attn, training, grad)
+        o2 = o.view(B * N, D)
+        # the output projection's, linear1's and linear2's biases are added inside the kernels that
+        # read those GEMMs' outputs (no bias broadcast copy before each GEMM, no bias-gradient sums)
+        y1 = o2.mm(wo.t())
+        x1, r1 = cpu_fused.resnorm_forward(x2, y1, 1.0 if a1 is None else float(a1), g1, be1, eps1, p1, grad, bo)
+        h = x1.mm(w1.t())
+        u = cpu_fused.gelu_bias_forward(h, b1)
+        y2 = u.mm(w2.t())
+        out, r2 = cpu_fused.resnorm_forward(x1, y2, 1.0 if a2 is None else float(a2), g2, be2, eps2, p2, grad, b2)
+        if grad:
+            ctx.save_for_backward(x2, kv2, q_src, kv_src, P, M, o2, x1, h, u, w_in, w_kv, wo, w1, b1, w2,
+                                  *r1[0], *r2[0])
+            ctx.meta = (heads, B, N, D, r1[1], r2[1], kv is None, a1 is not None, a2 is not None)
+        return out.view(B, N, D)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        heads, B, N, D, m1, m2, is_self, has_a1, has_a2 = ctx.meta
+        (x2, kv2, q_src, kv_src, P, M, o2, x1, h, u, w_in, w_kv, wo, w1, b1, w2, *rs) = ctx.saved_tensors
+        r1, r2 = (tuple(rs[:7]), m1), (tuple(rs[7:]), m2)
+        # second residual and the feed-forward
+        dx1, dy2, da2, dg2, dbe2, db2 = cpu_fused.resnorm_backward(grad_out.reshape(B * N, D), r2)
+        dw2 = dy2.t().mm(u)
+        dh, db1 = cpu_fused.gelu_bias_backward(h, b1, dy2.mm(w2))
+        dw1 = dh.t().mm(x1)
+        dx1.addmm_(dh, w1)
+        # first residual, the output projection and the attention core
+        dx, dy1, da1, dg1, dbe1, dbo = cpu_fused.resnorm_backward(dx1, r1)
+        dwo = dy1.t().mm(o2)
+        gq, gkv = cpu_fused.attn_backward(dy1.mm(wo).view(B, N, D), q_src, kv_src, P, M, heads)
+        gq2 = gq.view(B * N, -1)
+        dw_in, db_in = gq2.t().mm(x2), gq2.sum(0)
+        dx.addmm_(gq2, w_in)
+        if is_self:
+            (dwq, dwk, dwv), (dbq, dbk, dbv) = dw_in.split(D), db_in.split(D)
+            dkv = None
+        else:
+            gkv2 = gkv.view(-1, 2 * D)
+            dwq, dbq = dw_in, db_in
+            (dwk, dwv), (dbk, dbv) = gkv2.t().mm(kv2).split(D), gkv2.sum(0).split(D)
+            dkv = gkv2.mm(w_kv).view(B, -1, D)
+        return (dx.view(B, N, D), dkv, dwq, dbq, dwk, dbk, dwv, dbv, dwo, dbo, dg1, dbe1, da1 if has_a1 else None,
+                dw1, db1, dw2, db2, dg2, dbe2, da2 if has_a2 else None, None)
+
+
+def block_forward(block, x: torch.Tensor, kv: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``block(x)`` (self-attention) or ``block(x, kv)`` (cross-attention) as one fused node;
+    :func:`applies` must hold."""
+    training = block.training
+    keep2 = (1.0 - block.ffn.dropout.p) * (1.0 - block.res2.dropout.p) if training else 1.0
+    keep1 = 1.0 - block.res1.dropout.p if training else 1.0
+    meta = (block.attn.num_heads, block.attn.dropout, training, 1.0 - keep1, 1.0 - keep2,
+            float(block.res1.norm.eps), float(block.res2.norm.eps))
+    return _Block.apply(x.contiguous(), None if kv is None else kv.contiguous(), *_params(block), meta)
