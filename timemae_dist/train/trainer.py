@@ -36,7 +36,7 @@ from timemae_dist.model import TimeMAE
 from timemae_dist.train.config import PretrainConfig
 from timemae_dist.train.metrics import MetricsWriter, StepClock, collapse_warning, memory_metrics
 
-__all__ = ["TrainState", "PlainEngine", "Trainer", "warmup_cosine_ratio", "total_steps"]
+__all__ = ["TrainState", "PlainEngine", "Trainer", "clip_grad_norm", "warmup_cosine_ratio", "total_steps"]
 
 
 def total_steps(cfg: PretrainConfig, batches_per_epoch: int) -> int:
@@ -70,6 +70,14 @@ class TrainState:
 
     def load_state_dict(self, sd: dict[str, int]) -> None:
         self.step, self.epoch, self.windows = int(sd["step"]), int(sd["epoch"]), int(sd["windows"])
+
+
+def clip_grad_norm(params: list[torch.Tensor], clip: float) -> torch.Tensor:
+    """The 2-norm of the parameters' gradients (foreach kernels); with ``clip > 0`` the gradients
+    are first scaled by ``min(1, clip / (norm + 1e-6))`` (torch's and DeepSpeed's rule)."""
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
 
 
 class PlainEngine:
@@ -113,11 +121,7 @@ class PlainEngine:
         self.micro_steps += 1
         if self.micro_steps % self.grad_accum:
             return
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        if self.clip > 0:
-            self._grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip, foreach=True)
-        else:
-            self._grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
+        self._grad_norm = clip_grad_norm([p for p in self.module.parameters() if p.grad is not None], self.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.last_iteration += 1

@@ -21,7 +21,7 @@ from timemae_dist.train.checkpoint import checkpoint_name, load_checkpoint, save
 from timemae_dist.train.config import PretrainConfig
 from timemae_dist.train.ds_config import build_ds_config, clips_in_hook
 from timemae_dist.train.metrics import MetricsWriter, console
-from timemae_dist.train.trainer import Trainer, total_steps
+from timemae_dist.train.trainer import Trainer, clip_grad_norm, total_steps
 
 __all__ = ["train_loop_per_worker", "build_engine", "install_grad_norm_hook"]
 
@@ -56,21 +56,17 @@ def build_engine(cfg: PretrainConfig, model: torch.nn.Module, world_size: int, n
 
 
 def install_grad_norm_hook(optimizer: torch.optim.Optimizer, clip: float) -> None:
-    """Before each step: the 2-norm of all gradients (``torch._foreach_norm``, one stack), the
-    gradients scaled by ``min(1, clip / (norm + 1e-6))`` when ``clip > 0`` (the rule of DeepSpeed's and
-    torch's ``clip_grad_norm_``), and the norm left in ``optimizer._global_grad_norm``, where
-    DeepSpeed's engine reads it after the step (``engine.get_global_grad_norm()``). For ZeRO-0
-    fp32 (:func:`timemae_dist.train.ds_config.clips_in_hook`), where the gradients the optimizer sees
-    are already all-reduced, so the norm is the global one on every rank."""
+    """Before each step: the gradients' 2-norm, clipped by it when ``clip > 0``
+    (:func:`timemae_dist.train.trainer.clip_grad_norm`, as the single-process engine does), and the
+    norm left in ``optimizer._global_grad_norm``, where DeepSpeed's engine reads it after the step
+    (``engine.get_global_grad_norm()``). For ZeRO-0 fp32
+    (:func:`timemae_dist.train.ds_config.clips_in_hook`), where the gradients the optimizer sees are
+    already all-reduced, so the norm is the global one on every rank."""
 
     def pre_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
-            return
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        if clip > 0:
-            torch._foreach_mul_(grads, torch.clamp(clip / (norm + 1e-6), max=1.0))
-        opt._global_grad_norm = norm
+        params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        if params:
+            opt._global_grad_norm = clip_grad_norm(params, clip)
 
     optimizer.register_step_pre_hook(pre_step)
 
