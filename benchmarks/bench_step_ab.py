@@ -63,21 +63,21 @@ sys.path.insert(0, str(REPO))
 TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=536870912"
 
 
-def _setup(args):
+def _setup(args, flat_params: bool = True):
     """The official-size model, its plain engine, ``block`` batches of the store, and two step functions:
     the trainer's and the same step on two half-batch threads (``--ab threads``)."""
     import torch
 
-    from timemae_dist.model import TimeMAE
     from timemae_dist.train.build import build_loader, build_model
     from timemae_dist.train.config import load_pretrain_config
     from timemae_dist.train.preflight import resolve
-    from timemae_dist.train.trainer import PlainEngine
+    from timemae_dist.train.trainer import EmaUpdate, PlainEngine
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_pretrain_config(REPO / "configs" / "pretrain" / "har.yaml",
-                                   [f"data.store={args.store}", f"run.storage_path={tmp}", "run.name=ab"])
+                                   [f"data.store={args.store}", f"run.storage_path={tmp}", "run.name=ab",
+                                    f"trainer.flat_params={str(flat_params).lower()}"])
         cfg, _ = resolve(cfg)
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -85,15 +85,13 @@ def _setup(args):
     engine = PlainEngine(model, cfg, 10_000)
     it = iter(build_loader(cfg, 0, 1))
     batches = [next(it)["x"] for _ in range(args.block)]
-    momentum = cfg.model.momentum
-    online = list(model.encoder.parameters())
+    ema = EmaUpdate(target, model.encoder, cfg.model.momentum)  # as the trainer does it
 
     def step(x):
         out = engine(x, target_encoder=target)
         engine.backward(out["loss"])
         engine.step()
-        with torch.no_grad():
-            TimeMAE.momentum_update_(target, online, momentum)
+        ema()
 
     def half_step(x):
         """The same step with the batch split over two Python threads (``--ab threads``)."""
@@ -115,8 +113,7 @@ def _setup(args):
         if errors:
             raise errors[0]
         engine.step()
-        with torch.no_grad():
-            TimeMAE.momentum_update_(target, online, momentum)
+        ema()
 
     return cfg, batches, step, half_step
 
@@ -276,9 +273,37 @@ def _block_ab(args) -> int:
     return 0
 
 
+def _flat_ab(args) -> int:
+    """The optimizer step, gradient clip and EMA on one flat parameter buffer (trainer.flat_params,
+    timemae_dist/train/flat.py) vs per parameter tensor: two models built from the same seed, one
+    per layout, their blocks of steps alternated on the same batches."""
+    import torch
+
+    from timemae_dist.hostinfo import cpu_info, describe_cpu
+    from timemae_dist.mkl_avx512 import describe
+
+    cfg, batches, step_flat, _ = _setup(args, flat_params=True)
+    _cfg, _batches, step_per_tensor, _ = _setup(args, flat_params=False)
+
+    def arm(fn):
+        return lambda: fn
+
+    ms = _alternate({"flat": arm(step_flat), "per_tensor": arm(step_per_tensor)}, batches, args.rounds)
+    med = {a: statistics.median(v) for a, v in ms.items()}
+    bs = cfg.trainer.micro_batch_size
+    header = (f"CPU: {describe_cpu()}; {describe()}; torch threads {args.threads}; "
+              f"optimizer + clip + EMA on one flat buffer vs per tensor ({torch.__version__})")
+    speedup, ratios = _report(ms, bs, header, "per_tensor", "flat", args)
+    if args.json:
+        print(json.dumps({"flat_ms": med["flat"], "per_tensor_ms": med["per_tensor"], "speedup": speedup,
+                          "ratios": ratios, "windows_per_s": {a: bs / med[a] * 1e3 for a in ms}, "blocks_ms": ms,
+                          "cpu": cpu_info(), "gemm": describe()}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ab", choices=("dropout", "fused", "block", "malloc", "threads"), default="dropout")
+    p.add_argument("--ab", choices=("dropout", "fused", "block", "flat", "malloc", "threads"), default="dropout")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--store", default=str(REPO / "stores" / "hapt_har"))
     p.add_argument("--threads", type=int, default=2)
@@ -294,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         return _threads_ab(args)
     if args.ab == "block":
         return _block_ab(args)
+    if args.ab == "flat":
+        return _flat_ab(args)
 
     return _kernel_ab(args)
 

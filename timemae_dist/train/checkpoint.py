@@ -21,6 +21,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from timemae_dist.train.ds_config import uses_flat_params
+
 __all__ = ["save_checkpoint", "load_checkpoint", "find_latest_checkpoint", "list_checkpoints", "rng_state", "set_rng_state", "META"]
 
 META = "meta.json"
@@ -52,6 +54,10 @@ def _rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
 
 
+def _engine_kind(engine: Any) -> str:
+    return "plain" if type(engine).__name__ == "PlainEngine" else "deepspeed"
+
+
 def save_checkpoint(trainer: Any, out_dir: str | Path, metrics: dict[str, float]) -> Path:
     """Write this rank's part of the checkpoint of ``trainer`` at its current step into ``out_dir``."""
     out = Path(out_dir)
@@ -77,7 +83,8 @@ def save_checkpoint(trainer: Any, out_dir: str | Path, metrics: dict[str, float]
             "windows": trainer.state.windows,
             "world_size": trainer.world_size,
             "zero_stage": trainer.cfg.deepspeed.zero_stage,
-            "engine": "plain" if type(trainer.engine).__name__ == "PlainEngine" else "deepspeed",
+            "engine": _engine_kind(trainer.engine),
+            "flat_params": uses_flat_params(trainer.cfg, _engine_kind(trainer.engine)),
             "tag": tag,
             "metrics": {k: float(v) for k, v in metrics.items()},
             "config": trainer.cfg.to_dict(),
@@ -148,6 +155,11 @@ def check_resumable(cfg: Any, ckpt_dir: str | Path, *, engine: str, world_size: 
             diff.append(f"trainer.num_workers={meta['world_size']} (this config: {world_size})")
         if meta.get("zero_stage") not in (None, cfg.deepspeed.zero_stage):
             diff.append(f"deepspeed.zero_stage={meta['zero_stage']} (this config: {cfg.deepspeed.zero_stage})")
+    # the optimizer state of one flat buffer (trainer.flat_params) vs one state per parameter
+    saved_flat, now_flat = bool(meta.get("flat_params", False)), uses_flat_params(cfg, engine)
+    if saved_flat != now_flat:
+        diff.append(f"trainer.flat_params={str(saved_flat).lower()} (this run: "
+                    f"{'flat' if now_flat else 'per-parameter'} optimizer state)")
     if diff:
         raise PretrainError(f"checkpoint {str(d)!r} was trained with {', '.join(diff)}; {fix}")
 

@@ -87,6 +87,13 @@ class TrainerSection:
         "set, wins",
     )
 
+    flat_params: bool = option(
+        True,
+        "ZeRO-0 fp32 and --single-process: the parameters as views of one buffer, so the optimizer, the "
+        "gradient clip and the EMA each run as one kernel instead of one per tensor (see "
+        "timemae_dist/train/flat.py); a checkpoint resumes only with the setting it was written with",
+    )
+
     def validate(self) -> None:
         for name in ("num_workers", "cpus_per_worker", "micro_batch_size", "grad_accum", "epochs"):
             if getattr(self, name) < 1:

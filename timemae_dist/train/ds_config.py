@@ -6,7 +6,7 @@ from typing import Any
 
 from timemae_dist.train.config import PretrainConfig
 
-__all__ = ["build_ds_config", "clips_in_hook"]
+__all__ = ["build_ds_config", "clips_in_hook", "uses_flat_params"]
 
 
 def clips_in_hook(cfg: PretrainConfig) -> bool:
@@ -16,6 +16,13 @@ def clips_in_hook(cfg: PretrainConfig) -> bool:
     that computes the norm (two foreach calls), clips by it and reports it
     (:func:`timemae_dist.train.worker.install_grad_norm_hook`)."""
     return cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision == "fp32"
+
+
+def uses_flat_params(cfg: PretrainConfig, engine: str) -> bool:
+    """Whether the ``engine`` (``"plain"`` or ``"deepspeed"``) steps one flat parameter buffer
+    (:mod:`timemae_dist.train.flat`): ``trainer.flat_params`` where the optimizer sees the module's
+    own parameters, i.e. the single-process engine and ZeRO-0 fp32."""
+    return cfg.trainer.flat_params and (engine == "plain" or clips_in_hook(cfg))
 
 
 def build_ds_config(cfg: PretrainConfig, world_size: int, total_steps: int) -> dict[str, Any]:

@@ -34,9 +34,10 @@ from torch import nn
 
 from timemae_dist.model import TimeMAE
 from timemae_dist.train.config import PretrainConfig
+from timemae_dist.train.flat import FlatParameters, flat_view
 from timemae_dist.train.metrics import MetricsWriter, StepClock, collapse_warning, memory_metrics
 
-__all__ = ["TrainState", "PlainEngine", "Trainer", "clip_grad_norm", "warmup_cosine_ratio", "total_steps"]
+__all__ = ["TrainState", "PlainEngine", "Trainer", "clip_grad_norm", "clip_flat_grad_", "EmaUpdate", "warmup_cosine_ratio", "total_steps"]
 
 
 def total_steps(cfg: PretrainConfig, batches_per_epoch: int) -> int:
@@ -80,16 +81,73 @@ def clip_grad_norm(params: list[torch.Tensor], clip: float) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
 
 
+def clip_flat_grad_(grad: torch.Tensor, clip: float) -> torch.Tensor:
+    """:func:`clip_grad_norm` for one flat gradient tensor (two kernels, no host sync)."""
+    norm = torch.linalg.vector_norm(grad)
+    if clip > 0:
+        grad.mul_((clip / (norm + 1e-6)).clamp_(max=1.0))
+    return norm
+
+
+class EmaUpdate:
+    """``target = m * target + (1 - m) * online`` for every parameter of the online encoder, in place.
+
+    Under ZeRO-3 the online parameters are gathered first (``deepspeed.zero.GatheredParameters``).
+    When they lie back to back in one buffer (``trainer.flat_params``,
+    :mod:`timemae_dist.train.flat`), the target's parameters are laid out the same way and the update
+    is two kernels over the whole encoder, the same arithmetic as the per-tensor foreach of
+    :meth:`TimeMAE.momentum_update_`."""
+
+    def __init__(self, target: nn.Module, online_encoder: nn.Module, momentum: float, zero3: bool = False):
+        self.target, self.online_encoder, self.momentum, self.zero3 = target, online_encoder, momentum, zero3
+        self.flat: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        online = list(online_encoder.parameters())
+        if not zero3 and flat_view(online) is not None:
+            targets = list(target.parameters())
+            if flat_view(targets) is None:
+                FlatParameters(targets)
+            pair = (flat_view(targets), flat_view(online))
+            if pair[0] is not None and pair[1] is not None and pair[0].shape == pair[1].shape:
+                self.flat = pair
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        params = list(self.online_encoder.parameters())
+        if self.zero3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                TimeMAE.momentum_update_(self.target, params, self.momentum)
+        elif self.flat is not None and self._flat_intact(params):
+            flat_target, flat_online = self.flat
+            flat_target.mul_(self.momentum)
+            flat_target.add_(flat_online, alpha=1.0 - self.momentum)
+        else:
+            TimeMAE.momentum_update_(self.target, params, self.momentum)
+
+    def _flat_intact(self, online: list[torch.Tensor]) -> bool:
+        """The flat views still span both encoders' parameters (a ``.data`` re-assignment or a move
+        would end that; ``load_state_dict`` copies in place and keeps it)."""
+
+        def spans(tensors: list[torch.Tensor], flat: torch.Tensor) -> bool:
+            end = tensors[-1].data_ptr() + tensors[-1].numel() * tensors[-1].element_size()
+            return tensors[0].data_ptr() == flat.data_ptr() and end == flat.data_ptr() + flat.numel() * flat.element_size()
+
+        return spans(list(self.target.parameters()), self.flat[0]) and spans(online, self.flat[1])
+
+
 class PlainEngine:
     """The part of DeepSpeedEngine's surface the loop uses, for one process without DeepSpeed."""
 
     def __init__(self, module: nn.Module, cfg: PretrainConfig, num_steps: int):
         ds = cfg.deepspeed
         self.module = module
+        # trainer.flat_params: the optimizer steps one buffer that the parameters are views of
+        self.flat = FlatParameters([p for p in module.parameters() if p.requires_grad]) if cfg.trainer.flat_params else None
         # fused=True: one kernel over all parameters (CPU and CUDA); ~5x faster than the default
         # per-parameter loop on CPU for this many small tensors.
         self.optimizer = torch.optim.AdamW(
-            module.parameters(), lr=ds.lr, betas=tuple(ds.betas), eps=ds.eps, weight_decay=ds.weight_decay, fused=True
+            [self.flat.param] if self.flat is not None else module.parameters(), lr=ds.lr, betas=tuple(ds.betas), eps=ds.eps, weight_decay=ds.weight_decay, fused=True
         )
         self._lr0 = ds.lr
         self._sched = dict(warmup=ds.warmup_steps, total=num_steps, min_ratio=ds.min_lr_ratio)
@@ -121,9 +179,14 @@ class PlainEngine:
         self.micro_steps += 1
         if self.micro_steps % self.grad_accum:
             return
-        self._grad_norm = clip_grad_norm([p for p in self.module.parameters() if p.grad is not None], self.clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.flat is not None:
+            self._grad_norm = clip_flat_grad_(self.flat.gather_grads(), self.clip)
+            self.optimizer.step()
+            self.flat.release_grad()
+        else:
+            self._grad_norm = clip_grad_norm([p for p in self.module.parameters() if p.grad is not None], self.clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.last_iteration += 1
         self._set_lr()
 
@@ -203,6 +266,7 @@ class Trainer:
         self.input_dtype = compute_dtype
         self.online_encoder = engine.module.encoder
         self.momentum = cfg.model.momentum
+        self._ema = EmaUpdate(target, self.online_encoder, self.momentum, zero3=zero3)
         self.tokens_per_window = cfg.model.num_windows  # (pos_embed is partitioned under ZeRO-3)
 
     def resumed(self, checkpoint: str, meta: dict) -> None:
@@ -295,17 +359,9 @@ class Trainer:
         self.engine.backward(out["loss"])
         return out
 
-    @torch.no_grad()
     def ema_update(self) -> None:
         """``target = m * target + (1 - m) * online`` from the online encoder's full parameters."""
-        params = list(self.online_encoder.parameters())
-        if self.zero3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                TimeMAE.momentum_update_(self.target, params, self.momentum)
-        else:
-            TimeMAE.momentum_update_(self.target, params, self.momentum)
+        self._ema()
         if self.target_compute is not self.target:
             torch._foreach_copy_(list(self.target_compute.parameters()), list(self.target.parameters()))
 

@@ -19,9 +19,10 @@ from data_pipeline.typedconfig import from_dict
 from timemae_dist.train.build import build_loader, build_model, rank_seed, seed_all
 from timemae_dist.train.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
 from timemae_dist.train.config import PretrainConfig
-from timemae_dist.train.ds_config import build_ds_config, clips_in_hook
+from timemae_dist.train.ds_config import build_ds_config, clips_in_hook, uses_flat_params
+from timemae_dist.train.flat import FlatParameters
 from timemae_dist.train.metrics import MetricsWriter, console
-from timemae_dist.train.trainer import Trainer, clip_grad_norm, total_steps
+from timemae_dist.train.trainer import Trainer, clip_flat_grad_, clip_grad_norm, total_steps
 
 __all__ = ["train_loop_per_worker", "build_engine", "install_grad_norm_hook"]
 
@@ -39,36 +40,56 @@ def build_engine(cfg: PretrainConfig, model: torch.nn.Module, world_size: int, n
         from timemae_dist.model.layers import MultiHeadAttention
 
         set_z3_leaf_modules(model, [MultiHeadAttention], raise_if_not_found=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = None
+    if uses_flat_params(cfg, "deepspeed"):
+        # The engine's optimizer steps one buffer the module's parameters are views of
+        # (timemae_dist/train/flat.py). Move first: DeepSpeed's own module.to(device) is then a no-op
+        # and keeps the views.
+        if cfg.trainer.use_gpu:
+            model.to(torch.device("cuda", torch.cuda.current_device()))
+        flat = FlatParameters(params)
+        params = [flat.param]
     engine, _opt, _loader, _sched = deepspeed.initialize(
         model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        model_parameters=params,
         config=ds_config,
         dist_init_required=False,  # Ray Train already initialised torch.distributed
     )
+    if flat is not None and not flat.is_intact():
+        raise RuntimeError("deepspeed.initialize re-allocated the flat parameters' views; set trainer.flat_params=false")
     if world_size == 1 and cfg.deepspeed.zero_stage == 0:
         # One rank: the gradient all-reduce (flatten, all-reduce, copy back) is the identity.
         engine.enable_backward_allreduce = False
     if cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.precision == "fp32" and not cfg.deepspeed.offload_optimizer:
         share_zero3_master_weights(engine.optimizer)
     if clips_in_hook(cfg):
-        install_grad_norm_hook(engine.optimizer, cfg.deepspeed.clip)
+        install_grad_norm_hook(engine.optimizer, cfg.deepspeed.clip, flat)
+    engine.timemae_flat = flat
     return engine
 
 
-def install_grad_norm_hook(optimizer: torch.optim.Optimizer, clip: float) -> None:
+def install_grad_norm_hook(optimizer: torch.optim.Optimizer, clip: float, flat: FlatParameters | None = None) -> None:
     """Before each step: the gradients' 2-norm, clipped by it when ``clip > 0``
-    (:func:`timemae_dist.train.trainer.clip_grad_norm`, as the single-process engine does), and the
+    (:func:`timemae_dist.train.trainer.clip_grad_norm`, as the single-process engine does; with
+    ``flat``, the optimizer's one flat parameter, first the module's gradients gathered into its
+    flat gradient, which a post-step hook drops again), and the
     norm left in ``optimizer._global_grad_norm``, where DeepSpeed's engine reads it after the step
     (``engine.get_global_grad_norm()``). For ZeRO-0 fp32
     (:func:`timemae_dist.train.ds_config.clips_in_hook`), where the gradients the optimizer sees are
     already all-reduced, so the norm is the global one on every rank."""
 
     def pre_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if flat is not None:
+            opt._global_grad_norm = clip_flat_grad_(flat.gather_grads(), clip)
+            return
         params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
         if params:
             opt._global_grad_norm = clip_grad_norm(params, clip)
 
     optimizer.register_step_pre_hook(pre_step)
+    if flat is not None:
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: flat.release_grad())
 
 
 def share_zero3_master_weights(zero3_optimizer: Any) -> int:

@@ -113,6 +113,10 @@ def test_resuming_with_another_architecture_or_engine_fails_before_anything_runs
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert "model.d_model=16 (this config: 24), model.num_layers=2 (this config: 3)" in err
     assert "new run.name to start fresh" in err
+    # the optimizer state of one flat buffer (trainer.flat_params) does not load per parameter
+    rc, err = _cli(capsys, "--single-process", *over[:-1], "trainer.max_steps=4", "trainer.flat_params=false")
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "trainer.flat_params=true (this run: per-parameter optimizer state)" in err
     rc, err = _cli(capsys, *over[:-1], "trainer.max_steps=4")  # distributed: fails before Ray starts
     assert rc == 2 and "written by --single-process (plain PyTorch), this run uses Ray Train + DeepSpeed" in err
     assert sorted((p.name, p.stat().st_mtime_ns) for p in ckpt.rglob("*")) == before
