@@ -77,14 +77,15 @@ def save_checkpoint(trainer: Any, out_dir: str | Path, metrics: dict[str, float]
     )
     if trainer.rank == 0:
         torch.save({k: v.detach().float().cpu() for k, v in trainer.target.state_dict().items()}, out / TARGET)
+        engine = _engine_kind(trainer.engine)
         meta = {
             "step": step,
             "epoch": trainer.state.epoch,
             "windows": trainer.state.windows,
             "world_size": trainer.world_size,
             "zero_stage": trainer.cfg.deepspeed.zero_stage,
-            "engine": _engine_kind(trainer.engine),
-            "flat_params": uses_flat_params(trainer.cfg, _engine_kind(trainer.engine)),
+            "engine": engine,
+            "flat_params": uses_flat_params(trainer.cfg, engine),
             "tag": tag,
             "metrics": {k: float(v) for k, v in metrics.items()},
             "config": trainer.cfg.to_dict(),

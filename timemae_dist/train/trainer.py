@@ -101,14 +101,14 @@ class EmaUpdate:
     def __init__(self, target: nn.Module, online_encoder: nn.Module, momentum: float, zero3: bool = False):
         self.target, self.online_encoder, self.momentum, self.zero3 = target, online_encoder, momentum, zero3
         self.flat: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-        online = list(online_encoder.parameters())
-        if not zero3 and flat_view(online) is not None:
+        flat_online = None if zero3 else flat_view(list(online_encoder.parameters()))
+        if flat_online is not None:
             targets = list(target.parameters())
-            if flat_view(targets) is None:
-                FlatParameters(targets)
-            pair = (flat_view(targets), flat_view(online))
-            if pair[0] is not None and pair[1] is not None and pair[0].shape == pair[1].shape:
-                self.flat = pair
+            flat_target = flat_view(targets)
+            if flat_target is None:
+                flat_target = FlatParameters(targets).param.detach()
+            if flat_target.shape == flat_online.shape:
+                self.flat = (flat_target, flat_online)
 
     @torch.no_grad()
     def __call__(self) -> None:

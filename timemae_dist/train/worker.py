@@ -65,7 +65,6 @@ def build_engine(cfg: PretrainConfig, model: torch.nn.Module, world_size: int, n
         share_zero3_master_weights(engine.optimizer)
     if clips_in_hook(cfg):
         install_grad_norm_hook(engine.optimizer, cfg.deepspeed.clip, flat)
-    engine.timemae_flat = flat
     return engine
 
 
