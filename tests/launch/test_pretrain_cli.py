@@ -91,3 +91,55 @@ def test_embedded_ray_workers_follow_the_off_switches(store, tmp_path):
     if mkl_avx512.support().applies:
         assert "rank 0: fp32 GEMM: oneMKL AVX2 path on an AVX-512 AMD CPU" in logs, logs[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["steps"] == 2
+
+
+_LEAN_PROBE = r"""
+import json, os, sys, time
+sys.path.insert(0, sys.argv[1])
+import ray
+from timemae_dist.train.config import load_pretrain_config
+from timemae_dist.train.driver import connect_ray
+
+where = connect_ray(load_pretrain_config(sys.argv[2], [f"run.storage_path={sys.argv[3]}"]))
+raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+
+
+@ray.remote(num_cpus=1)
+def task():
+    return os.getpid()
+
+
+task_pid = ray.get(task.remote())  # tasks still get a worker (started on demand)
+time.sleep(6)  # a prestarted or finished worker is idle by now; lean: killed after 1 s
+idle = []
+for pid in os.listdir("/proc"):
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        continue
+    comm, ppid = stat[stat.index("(") + 1:stat.rindex(")")], int(stat[stat.rindex(")") + 2:].split()[1])
+    if ppid == raylet and comm.startswith("ray::IDLE"):
+        idle.append(int(pid))
+print(json.dumps({"where": where, "idle_workers": len(idle), "task_ran": task_pid > 0,
+                  "watcher": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}))
+ray.shutdown()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_embedded_ray_is_lean_unless_switched_off(tmp_path):
+    """The embedded local Ray keeps no idle worker processes and starts no preemption watcher (they share
+    the training's CPUs; benchmarks/bench_step_ab.py --ab raybg); TIMEMAE_LEAN_LOCAL_RAY=0 keeps Ray's defaults."""
+    from timemae_dist.train.driver import LEAN_ENV
+
+    def probe(**env: str) -> dict:
+        out = subprocess.run([sys.executable, "-c", _LEAN_PROBE, str(REPO), str(TINY), str(tmp_path)],
+                             env=_clean_env(**env), capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    lean = probe()
+    assert lean["where"].startswith("embedded local Ray") and lean["task_ran"]
+    assert lean["idle_workers"] == 0 and lean["watcher"] == "0"
+    default = probe(**{LEAN_ENV: "0"})
+    assert default["idle_workers"] >= 1 and default["watcher"] is None

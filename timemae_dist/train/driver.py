@@ -15,8 +15,16 @@ from timemae_dist.train.preflight import check_cluster, resolve
 __all__ = ["run_distributed", "connect_ray"]
 
 
+LEAN_ENV = "TIMEMAE_LEAN_LOCAL_RAY"
+
+
 def connect_ray(cfg: PretrainConfig, address: Optional[str] = None) -> str:
-    """Join the cluster at ``address`` / ``$RAY_ADDRESS``, else start an embedded local Ray."""
+    """Join the cluster at ``address`` / ``$RAY_ADDRESS``, else start an embedded local Ray.
+
+    The embedded Ray is lean unless ``$TIMEMAE_LEAN_LOCAL_RAY=0``: its processes share the training's
+    CPUs, so no idle worker processes are kept (``num_workers_soft_limit`` 0) and Ray Train's
+    preemption watcher is off (``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0`` unless set). A joined cluster
+    is left as it is."""
     import ray
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -33,9 +41,17 @@ def connect_ray(cfg: PretrainConfig, address: Optional[str] = None) -> str:
             ) from None
         return f"cluster {address}"
     num_cpus = max(os.cpu_count() or 1, 1)
+    system_config = None
+    if os.environ.get(LEAN_ENV, "1") != "0":
+        # Ray's own processes share the training's CPUs here (benchmarks/bench_step_ab.py --ab raybg):
+        # no idle worker processes kept warm (Ray Train's controller and, on CPU, its workers carry a
+        # runtime env, so they do not reuse them) and no preemption watcher (it polls for node draining, which a local Ray never does)
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        system_config = {"num_workers_soft_limit": 0}
     # the dashboard serves the state API that Ray Train's placement-group cleaner polls (without it,
     # it logs "State API may be temporarily unavailable" every few seconds)
-    ray.init(num_cpus=num_cpus, num_gpus=None if cfg.trainer.use_gpu else 0, include_dashboard=True)
+    ray.init(num_cpus=num_cpus, num_gpus=None if cfg.trainer.use_gpu else 0, include_dashboard=True,
+             _system_config=system_config)
     return f"embedded local Ray ({num_cpus} CPUs)"
 
 
