@@ -1,7 +1,8 @@
 """Pretraining throughput (windows/s) on the HAPT-HAR store, official TimeMAE size, fp32, CPU.
 
 Rows: one Ray Train worker with 2 torch threads; two workers x 1 thread (ZeRO-2, gloo).
-Each row is a real `timemae pretrain` run (Ray Train + DeepSpeed); windows/s is the run's
+Each row is a real `timemae pretrain` run (Ray Train + DeepSpeed, on the embedded local Ray that
+`timemae pretrain` starts: ``timemae_dist.train.driver.connect_ray``); windows/s is the run's
 steady-state figure (the mean of the logged `throughput/windows_per_s` after the first
 log window, i.e. excluding start-up/warm-up); data wait is the mean logged
 `time/data_wait_fraction` over the same log windows.
@@ -16,8 +17,12 @@ buffers/partitions and ``.grad`` tensors, the inner optimizer's state (Adam mome
 flat fp32 master partitions. The momentum target encoder lives outside the engine (replicated,
 identical at every stage) and is not counted.
 
-    python benchmarks/bench_pretrain.py [--steps 60] [--store stores/hapt_har] [--zero-memory]
+    python benchmarks/bench_pretrain.py [--steps 60] [--repeat 1] [--store stores/hapt_har] [--zero-memory]
         [--mkl-avx512 auto|on|off] [--cpu-dropout auto|on|off] [--cpu-fused auto|on|off] [--json]
+
+``--repeat N`` runs the two rows N times, alternating (one worker, two workers, one worker, ...) on
+the same embedded Ray, and reports each row's median with every run's figure: on a shared VM whose
+speed drifts by 20-40 % within minutes, one run per row says little.
 
 The workers run with ``trainer.mkl_avx512`` (default auto: oneMKL's AVX-512 GEMM kernels on an
 AMD CPU with AVX-512, see timemae_dist/mkl_avx512.py); ``--mkl-avx512 off`` measures MKL's
@@ -26,8 +31,9 @@ default dispatch (its AVX2 kernels on AMD). ``--cpu-dropout`` sets ``trainer.cpu
 torch's eager ops). ``--cpu-fused`` sets ``trainer.cpu_fused`` (default auto: the attention core and
 the post-LN residual from the fused C kernels of timemae_dist/kernels/cpu_fused.py; off = eager).
 
-The last line with --json: {"one_worker": windows_per_s, "two_workers": windows_per_s,
-"ratio": ..., "mkl_avx512": mode, "cpu_dropout": mode, "cpu_fused": mode, "cpu": {...} (timemae_dist.hostinfo.cpu_info), "data_wait_fraction": {"one_worker": ..., "two_workers": ...}} plus, with
+The last line with --json: {"one_worker": windows_per_s, "two_workers": windows_per_s (medians over
+the --repeat runs), "runs": {"one_worker": [...], "two_workers": [...]}, "ratio": ... (median of each
+round's two / one), "mkl_avx512": mode, "cpu_dropout": mode, "cpu_fused": mode, "cpu": {...} (timemae_dist.hostinfo.cpu_info), "data_wait_fraction": {"one_worker": ..., "two_workers": ...}} plus, with
 --zero-memory, "zero_memory_mb": {"0": MB, "1": MB, "2": MB, "3": MB} (MB = 2**20 bytes).
 """
 
@@ -36,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -196,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--store", default=str(REPO / "stores" / "hapt_har"))
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--repeat", type=int, default=1, help="runs of each row, alternated; rows report the median")
     p.add_argument("--json", action="store_true")
     p.add_argument("--zero-memory", action="store_true", help="also measure per-rank ZeRO memory (stages 0-3)")
     p.add_argument("--no-throughput", action="store_true", help="skip the throughput runs")
@@ -227,41 +235,65 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def summarize(one: list[dict], two: list[dict]) -> dict:
+    """Medians over the repeated runs of each row (``steady_windows_per_s``, data wait) and the
+    median over rounds of the paired ratio two workers / one worker."""
+    def med(rows: list[dict], key: str) -> float:
+        return statistics.median(r[key] for r in rows)
+
+    return {
+        "one_worker": med(one, "steady_windows_per_s"),
+        "two_workers": med(two, "steady_windows_per_s"),
+        "runs": {"one_worker": [r["steady_windows_per_s"] for r in one],
+                 "two_workers": [r["steady_windows_per_s"] for r in two]},
+        "ratio": statistics.median(t["steady_windows_per_s"] / o["steady_windows_per_s"] for o, t in zip(one, two)),
+        "data_wait_fraction": {"one_worker": med(one, "data_wait_fraction"),
+                               "two_workers": med(two, "data_wait_fraction")},
+    }
+
+
 def _throughput(args) -> dict:
+    if args.repeat < 1:
+        raise SystemExit(f"bench_pretrain: --repeat must be >= 1 (got {args.repeat})")
     os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from timemae_dist.train.config import load_pretrain_config
+    from timemae_dist.train.driver import connect_ray
+
+    # the embedded local Ray that `timemae pretrain` starts (its processes share the 2 CPUs with the run)
+    print(connect_ray(load_pretrain_config(REPO / "configs" / "pretrain" / "har.yaml", [f"data.store={args.store}"])))
     from timemae_dist.mkl_avx512 import worker_env
 
     gemm = worker_env(args.mkl_avx512)[1]
     mkl = f"trainer.mkl_avx512={args.mkl_avx512}"
     drop = f"trainer.cpu_dropout={args.cpu_dropout}"
     fused = f"trainer.cpu_fused={args.cpu_fused}"
+    one: list[dict] = []
+    two: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-pretrain-") as storage:
-        one = _run(args.store, storage, "one", args.steps, "trainer.num_workers=1", "trainer.cpus_per_worker=2",
-                   "deepspeed.zero_stage=0", mkl, drop, fused)
-        two = _run(args.store, storage, "two", args.steps, "trainer.num_workers=2", "trainer.cpus_per_worker=1",
-                   "deepspeed.zero_stage=2", mkl, drop, fused)
+        for r in range(args.repeat):
+            one.append(_run(args.store, storage, f"one-{r}", args.steps, "trainer.num_workers=1",
+                            "trainer.cpus_per_worker=2", "deepspeed.zero_stage=0", mkl, drop, fused))
+            two.append(_run(args.store, storage, f"two-{r}", args.steps, "trainer.num_workers=2",
+                            "trainer.cpus_per_worker=1", "deepspeed.zero_stage=2", mkl, drop, fused))
     ray.shutdown()
-    rows = [("1 worker x 2 threads (ZeRO-0)", one), ("2 workers x 1 thread (ZeRO-2)", two)]
-    print(f"{'setup':<32}{'windows/s (steady)':>20}{'windows/s (whole run)':>24}{'data wait':>12}")
-    for label, s in rows:
-        print(f"{label:<32}{s['steady_windows_per_s']:>20,.0f}{s['windows_per_s']:>24,.0f}"
-              f"{s['data_wait_fraction']:>12.1%}")
-    ratio = two["steady_windows_per_s"] / one["steady_windows_per_s"]
-    print(f"2 workers / 1 worker = {ratio:.2f} (d_model 64, 8 layers, batch 128 per worker, fp32, {args.steps} steps)")
+    res = summarize(one, two)
+    rows = [("1 worker x 2 threads (ZeRO-0)", one, "one_worker"), ("2 workers x 1 thread (ZeRO-2)", two, "two_workers")]
+    many = args.repeat > 1
+    print(f"{'setup':<32}{'windows/s (steady)':>20}{'windows/s (whole run)':>24}{'data wait':>12}"
+          + ("  runs (steady)" if many else ""))
+    for label, runs, key in rows:
+        whole = statistics.median(s["windows_per_s"] for s in runs)
+        line = f"{label:<32}{res[key]:>20,.0f}{whole:>24,.0f}{res['data_wait_fraction'][key]:>12.1%}"
+        if many:
+            line += "  " + " / ".join(f"{v:,.0f}" for v in res["runs"][key])
+        print(line)
+    print(f"2 workers / 1 worker = {res['ratio']:.2f} (d_model 64, 8 layers, batch 128 per worker, fp32, {args.steps} steps"
+          + (f"; medians of {args.repeat} alternated runs)" if many else ")"))
     print(f"workers' {gemm} [--mkl-avx512 {args.mkl_avx512}]; dropout masks [--cpu-dropout {args.cpu_dropout}]; "
           f"fused kernels [--cpu-fused {args.cpu_fused}]")
-    return {
-        "mkl_avx512": args.mkl_avx512,
-        "cpu_dropout": args.cpu_dropout,
-        "cpu_fused": args.cpu_fused,
-        "one_worker": one["steady_windows_per_s"],
-        "two_workers": two["steady_windows_per_s"],
-        "ratio": ratio,
-        "data_wait_fraction": {"one_worker": one["data_wait_fraction"], "two_workers": two["data_wait_fraction"]},
-    }
+    return {"mkl_avx512": args.mkl_avx512, "cpu_dropout": args.cpu_dropout, "cpu_fused": args.cpu_fused, **res}
 
 
 if __name__ == "__main__":
