@@ -11,8 +11,8 @@ update, as `timemae pretrain --single-process` runs it) and alternates the two a
 ms/step of each arm's blocks and, since the machine's speed drifts within a run, the median over
 rounds of the paired ratio eager / c_kernel (``speedup``).
 
-    python benchmarks/bench_step_ab.py [--ab dropout|fused|block|malloc|threads] [--store stores/hapt_har] [--threads 2]
-        [--rounds 10] [--block 15] [--json]
+    python benchmarks/bench_step_ab.py [--ab dropout|fused|block|malloc|threads|raybg] [--store stores/hapt_har] [--threads 2]
+        [--rounds 10] [--block 15] [--fresh] [--json]
 
 ``--ab malloc`` measures an idea that did not pay off: a step allocates and frees a few hundred
 activation tensors, and with glibc's defaults the heap shrinks after a step and regrows in the next
@@ -22,6 +22,21 @@ faults, but not step time. glibc reads the tunables only when a process starts, 
 two fresh child processes, one with them and one without (the order alternating), each timing ``--block`` x 3 steps after 5 warm-up steps and counting its
 minor page faults over them; the result is the median over rounds of the paired ratio
 default / huge-pages (``speedup``).
+
+``--ab raybg`` measures what a Ray Train run's own processes cost a compute-bound step on a small
+machine: the same step, timed in blocks with and without an idle Ray Train job in the background (a
+child process starts the embedded local Ray that ``timemae pretrain`` starts and a ``TorchTrainer``
+whose one worker, sized like bench_pretrain's one-worker row, sleeps until told to stop; Ray's raylet,
+GCS, dashboard, agents and Train's controller and helper actors run as in a real run). Three arms per
+round, the order alternating: ``quiet`` (no Ray), ``ray_train`` (the embedded Ray with Ray's defaults,
+``TIMEMAE_LEAN_LOCAL_RAY=0``) and ``ray_lean`` (as ``timemae`` starts it: no idle workers kept, no
+preemption watcher). A Ray arm starts the background, waits until its worker runs and 10 s more (the
+controller and helper actors are all polling by then), times one block, then stops it. While the block
+runs it counts, from /proc, the other processes' CPU time and their threads' context switches
+(wake-ups) per second. Results: the medians over rounds of the paired ratios ray_train / quiet
+(``slowdown``) and ray_lean / quiet (``lean_slowdown``). The timed step runs at nice 0 in this process
+(``--fresh``: in a new process per block, started beside the background as a Ray worker is), not in a
+Ray worker, so what it measures is the background alone.
 
 ``--ab threads`` measures another idea that did not pay off: a second intra-op thread adds little
 to one process's step (tiny GEMMs, much element-wise work), so each step's batch is split in two
@@ -44,7 +59,10 @@ Last line with --json (dropout, fused): {"kernel": ..., "c_kernel_ms": ..., "eag
 {"c_kernel": ..., "eager": ...}, "cpu": {...}, "gemm": "..."}; with --ab malloc {"thp_ms": ...,
 "default_ms": ..., "speedup": ..., "ratios": [...], "faults_per_step": {"thp": ..., "default": ...},
 "cpu": {...}, "gemm": "..."}; with --ab threads {"intra_op_ms": ..., "halves_ms": ..., "speedup": ...,
-"ratios": [...], "cpu": {...}, "gemm": "..."}.
+"ratios": [...], "cpu": {...}, "gemm": "..."}; with --ab raybg {"quiet_ms": ..., "ray_train_ms": ...,
+"ray_lean_ms": ..., "slowdown": ..., "ratios": [...], "lean_slowdown": ..., "lean_ratios": [...],
+"background": {"ray_train": {"cpu_percent": ..., "wakeups_per_s": ..., "processes": ...}, "ray_lean": {...}},
+"fresh": bool, "cpu": {...}, "gemm": "..."}.
 """
 
 from __future__ import annotations
@@ -301,18 +319,160 @@ def _flat_ab(args) -> int:
     return 0
 
 
+def _ray_background(stop_file: str, ready_file: str) -> int:
+    """Child of ``--ab raybg``: the embedded local Ray that ``timemae pretrain`` starts
+    (``timemae_dist.train.driver.connect_ray``; ``$TIMEMAE_LEAN_LOCAL_RAY`` as the parent set it) and an
+    idle one-worker Ray Train job until ``stop_file`` exists (the worker writes ``ready_file`` once it runs)."""
+    import tempfile as tf
+
+    os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from timemae_dist.train.config import load_pretrain_config
+    from timemae_dist.train.driver import connect_ray
+
+    def idle_worker(cfg):
+        import os as _os
+        import time as _time
+
+        Path(cfg["ready"]).write_text(str(_os.getpid()))
+        while not _os.path.exists(cfg["stop"]):  # 5 wake-ups/s: negligible next to Ray's own
+            _time.sleep(0.2)
+
+    with tf.TemporaryDirectory(prefix="bench-raybg-") as storage:
+        connect_ray(load_pretrain_config(REPO / "configs" / "pretrain" / "har.yaml", [f"run.storage_path={storage}"]))
+        TorchTrainer(idle_worker, train_loop_config={"stop": stop_file, "ready": ready_file},
+                     scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 2}),
+                     run_config=RunConfig(storage_path=storage, name="idle")).fit()
+        ray.shutdown()
+    return 0
+
+
+def _proc_counters(skip: int) -> dict[int, tuple[int, int]]:
+    """Per process (but ``skip``): (CPU ticks, context switches of all its threads) from /proc."""
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == skip:
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            switches = 0
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                        switches += int(line.split()[1])
+            out[int(pid)] = (int(fields[11]) + int(fields[12]), switches)
+        except (OSError, ValueError, IndexError):  # a process or thread that ended meanwhile
+            continue
+    return out
+
+
+def _raybg_ab(args) -> int:
+    import subprocess
+
+    from timemae_dist.hostinfo import cpu_info, describe_cpu
+    from timemae_dist.mkl_avx512 import describe
+
+    from timemae_dist.train.driver import LEAN_ENV
+
+    cfg, batches, step, _ = _setup(args)
+    for x in batches[:5]:
+        step(x)
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    arms = {"quiet": None, "ray_train": "0", "ray_lean": "1"}  # $TIMEMAE_LEAN_LOCAL_RAY of the background
+    ms: dict[str, list[float]] = {a: [] for a in arms}
+    bg: dict[str, dict[str, list[float]]] = {a: {"cpu_percent": [], "wakeups_per_s": [], "processes": []}
+                                             for a in arms if arms[a] is not None}
+
+    def block() -> float:
+        if args.fresh:  # a new process, started (and building its model) beside the background
+            cmd = [sys.executable, __file__, "--child", "--store", args.store, "--threads", str(args.threads),
+                   "--block", str(args.block)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+            if proc.returncode != 0:
+                raise SystemExit(f"bench_step_ab child failed: {proc.stderr[-2000:]}")
+            return json.loads(proc.stdout.strip().splitlines()[-1])["ms"]
+        step(batches[0])
+        t0 = time.perf_counter()
+        for x in batches:
+            step(x)
+        return (time.perf_counter() - t0) / len(batches) * 1e3
+
+    with tempfile.TemporaryDirectory(prefix="bench-raybg-") as tmp:
+        for r in range(args.rounds):
+            for arm in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
+                if arms[arm] is None:
+                    ms[arm].append(block())
+                    continue
+                stop, ready = Path(tmp, f"stop-{arm}-{r}"), Path(tmp, f"ready-{arm}-{r}")
+                child = subprocess.Popen([sys.executable, __file__, "--ray-background", str(stop), str(ready)],
+                                         env={**os.environ, LEAN_ENV: arms[arm]},
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                try:
+                    deadline = time.time() + 180
+                    while not ready.exists():
+                        if child.poll() is not None or time.time() > deadline:
+                            raise SystemExit("bench_step_ab --ab raybg: the background Ray Train job did not start "
+                                             f"(exit {child.poll()}); run it alone to see why: python {__file__} "
+                                             f"--ray-background {stop} {ready}")
+                        time.sleep(0.5)
+                    time.sleep(10)  # Ray Train's controller and helper actors are all up and polling by then
+                    before, t0 = _proc_counters(os.getpid()), time.perf_counter()
+                    ms[arm].append(block())
+                    after, dt = _proc_counters(os.getpid()), time.perf_counter() - t0
+                    both = [p for p in after if p in before]  # (a --fresh child is in neither)
+                    bg[arm]["cpu_percent"].append(sum(after[p][0] - before[p][0] for p in both) / ticks / dt * 100)
+                    bg[arm]["wakeups_per_s"].append(sum(after[p][1] - before[p][1] for p in both) / dt)
+                    bg[arm]["processes"].append(sum(1 for p in both if after[p][1] > before[p][1]))
+                finally:
+                    stop.touch()
+                    child.wait(timeout=120)
+    bs = cfg.trainer.micro_batch_size
+    header = (f"CPU: {describe_cpu()}; {describe()}; torch threads {args.threads}; the step "
+              f"{'in a new process per block' if args.fresh else 'in this process'} with vs without an idle "
+              f"one-worker Ray Train job in the background (ray_train: the embedded Ray as it was, "
+              f"{LEAN_ENV}=0; ray_lean: as timemae starts it now)")
+    slowdown, ratios = _report({a: ms[a] for a in ("quiet", "ray_train")}, bs, header, "ray_train", "quiet", args)
+    lean_ratios = [b_ / q for b_, q in zip(ms["ray_lean"], ms["quiet"])]
+    lean = statistics.median(lean_ratios)
+    print(f"{'ray_lean':<10}{statistics.median(ms['ray_lean']):>16.1f}"
+          f"{bs / statistics.median(ms['ray_lean']) * 1e3:>11,.0f}  {' '.join(f'{v:.1f}' for v in ms['ray_lean'])}")
+    print(f"ray_lean / quiet per round: median {lean:.3f} (range {min(lean_ratios):.3f}-{max(lean_ratios):.3f})")
+    background = {a: {k: statistics.median(v) for k, v in d.items()} for a, d in bg.items()}
+    for a, d in background.items():
+        print(f"{a}: all other processes together {d['cpu_percent']:.1f} % of one CPU, {d['wakeups_per_s']:,.0f} "
+              f"wake-ups/s in {d['processes']:.0f} processes (medians over rounds; a quiet machine: a few dozen)")
+    if args.json:
+        med = {a: statistics.median(v) for a, v in ms.items()}
+        print(json.dumps({"quiet_ms": med["quiet"], "ray_train_ms": med["ray_train"], "ray_lean_ms": med["ray_lean"],
+                          "slowdown": slowdown, "ratios": ratios, "lean_slowdown": lean, "lean_ratios": lean_ratios,
+                          "blocks_ms": ms, "background": background, "fresh": args.fresh, "cpu": cpu_info(),
+                          "gemm": describe()}))
+    return 0
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ab", choices=("dropout", "fused", "block", "flat", "malloc", "threads"), default="dropout")
+    p.add_argument("--ab", choices=("dropout", "fused", "block", "flat", "malloc", "threads", "raybg"), default="dropout")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--ray-background", nargs=2, metavar=("STOP", "READY"), help=argparse.SUPPRESS)
     p.add_argument("--store", default=str(REPO / "stores" / "hapt_har"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--block", type=int, default=15)
+    p.add_argument("--fresh", action="store_true",
+                   help="--ab raybg: time each block in a new process (as a Ray worker is one), not in this one")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.child:
         return _child(args)
+    if args.ray_background:
+        return _ray_background(*args.ray_background)
+    if args.ab == "raybg":
+        return _raybg_ab(args)
     if args.ab == "malloc":
         return _malloc_ab(args)
     if args.ab == "threads":
