@@ -133,8 +133,10 @@ def test_embedded_ray_is_lean_unless_switched_off(tmp_path):
     from timemae_dist.train.driver import LEAN_ENV
 
     def probe(**env: str) -> dict:
+        clean = _clean_env(**env)
+        clean.pop("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", None)  # e.g. left by an embedded Ray of this process
         out = subprocess.run([sys.executable, "-c", _LEAN_PROBE, str(REPO), str(TINY), str(tmp_path)],
-                             env=_clean_env(**env), capture_output=True, text=True, timeout=300)
+                             env=clean, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
 
