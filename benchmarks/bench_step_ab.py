@@ -155,9 +155,19 @@ def _child(args) -> int:
     return 0
 
 
-def _malloc_ab(args) -> int:
+def _run_child(args, env: dict[str, str], arm: str) -> dict:
+    """Run :func:`_child` in a new process with ``env``; its JSON result (``ms``, ``faults_per_step``)."""
     import subprocess
 
+    cmd = [sys.executable, __file__, "--child", "--store", args.store, "--threads", str(args.threads),
+           "--block", str(args.block)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_step_ab child ({arm}) failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _malloc_ab(args) -> int:
     from timemae_dist.hostinfo import cpu_info, describe_cpu
     from timemae_dist.mkl_avx512 import describe
 
@@ -168,16 +178,11 @@ def _malloc_ab(args) -> int:
     base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     envs = {"thp": {**base, "GLIBC_TUNABLES": TUNABLES}, "default": base}
     note = f"GLIBC_TUNABLES={TUNABLES} (THP {mode})"
-    cmd = [sys.executable, __file__, "--child", "--store", args.store, "--threads", str(args.threads),
-           "--block", str(args.block)]
     ms: dict[str, list[float]] = {a: [] for a in envs}
     faults: dict[str, list[float]] = {a: [] for a in envs}
     for r in range(args.rounds):
         for a in (("thp", "default") if r % 2 == 0 else ("default", "thp")):
-            proc = subprocess.run(cmd, env=envs[a], capture_output=True, text=True, timeout=900)
-            if proc.returncode != 0:
-                raise SystemExit(f"bench_step_ab child ({a}) failed: {proc.stderr[-2000:]}")
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            res = _run_child(args, envs[a], a)
             ms[a].append(res["ms"])
             faults[a].append(res["faults_per_step"])
     ratios = [d / t for d, t in zip(ms["default"], ms["thp"])]
@@ -207,13 +212,23 @@ def _alternate(arms, batches, rounds: int) -> dict[str, list[float]]:
             fn(x)
     for r in range(rounds):
         for a in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
-            fn = arms[a]()
-            fn(batches[0])
-            t0 = time.perf_counter()
-            for x in batches:
-                fn(x)
-            ms[a].append((time.perf_counter() - t0) / len(batches) * 1e3)
+            ms[a].append(_time_block(arms[a](), batches))
     return ms
+
+
+def _time_block(fn, batches) -> float:
+    """ms per step of ``fn`` over ``batches``, after one untimed step."""
+    fn(batches[0])
+    t0 = time.perf_counter()
+    for x in batches:
+        fn(x)
+    return (time.perf_counter() - t0) / len(batches) * 1e3
+
+
+def _paired(ms: dict[str, list[float]], slow: str, fast: str) -> tuple[float, list[float]]:
+    """The machine's speed drifts over a run: each round's ``slow / fast`` ratio of its two blocks, and their median."""
+    ratios = [s_ / f_ for s_, f_ in zip(ms[slow], ms[fast])]
+    return statistics.median(ratios), ratios
 
 
 def _report(ms: dict[str, list[float]], bs: int, header: str, slow: str, fast: str, args) -> tuple[float, list[float]]:
@@ -223,9 +238,7 @@ def _report(ms: dict[str, list[float]], bs: int, header: str, slow: str, fast: s
     print(f"{'arm':<10}{'median ms/step':>16}{'windows/s':>11}  blocks (ms/step)")
     for a in ms:
         print(f"{a:<10}{med[a]:>16.1f}{bs / med[a] * 1e3:>11,.0f}  {' '.join(f'{v:.1f}' for v in ms[a])}")
-    # the machine's speed drifts over a run: pair each round's two blocks and take the median ratio
-    ratios = [s_ / f_ for s_, f_ in zip(ms[slow], ms[fast])]
-    speedup = statistics.median(ratios)
+    speedup, ratios = _paired(ms, slow, fast)
     print(f"{slow} / {fast} per round: median {speedup:.3f} (range {min(ratios):.3f}-{max(ratios):.3f}; "
           f"{args.rounds} rounds of {args.block} steps, batch {bs})")
     return speedup, ratios
@@ -375,7 +388,6 @@ def _raybg_ab(args) -> int:
 
     from timemae_dist.hostinfo import cpu_info, describe_cpu
     from timemae_dist.mkl_avx512 import describe
-
     from timemae_dist.train.driver import LEAN_ENV
 
     cfg, batches, step, _ = _setup(args)
@@ -388,25 +400,16 @@ def _raybg_ab(args) -> int:
     bg: dict[str, dict[str, list[float]]] = {a: {"cpu_percent": [], "wakeups_per_s": [], "processes": []}
                                              for a in arms if arms[a] is not None}
 
-    def block() -> float:
+    def block(arm: str) -> float:
         if args.fresh:  # a new process, started (and building its model) beside the background
-            cmd = [sys.executable, __file__, "--child", "--store", args.store, "--threads", str(args.threads),
-                   "--block", str(args.block)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-            if proc.returncode != 0:
-                raise SystemExit(f"bench_step_ab child failed: {proc.stderr[-2000:]}")
-            return json.loads(proc.stdout.strip().splitlines()[-1])["ms"]
-        step(batches[0])
-        t0 = time.perf_counter()
-        for x in batches:
-            step(x)
-        return (time.perf_counter() - t0) / len(batches) * 1e3
+            return _run_child(args, dict(os.environ), arm)["ms"]
+        return _time_block(step, batches)
 
     with tempfile.TemporaryDirectory(prefix="bench-raybg-") as tmp:
         for r in range(args.rounds):
             for arm in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
                 if arms[arm] is None:
-                    ms[arm].append(block())
+                    ms[arm].append(block(arm))
                     continue
                 stop, ready = Path(tmp, f"stop-{arm}-{r}"), Path(tmp, f"ready-{arm}-{r}")
                 child = subprocess.Popen([sys.executable, __file__, "--ray-background", str(stop), str(ready)],
@@ -422,7 +425,7 @@ def _raybg_ab(args) -> int:
                         time.sleep(0.5)
                     time.sleep(10)  # Ray Train's controller and helper actors are all up and polling by then
                     before, t0 = _proc_counters(os.getpid()), time.perf_counter()
-                    ms[arm].append(block())
+                    ms[arm].append(block(arm))
                     after, dt = _proc_counters(os.getpid()), time.perf_counter() - t0
                     both = [p for p in after if p in before]  # (a --fresh child is in neither)
                     bg[arm]["cpu_percent"].append(sum(after[p][0] - before[p][0] for p in both) / ticks / dt * 100)
@@ -436,11 +439,8 @@ def _raybg_ab(args) -> int:
               f"{'in a new process per block' if args.fresh else 'in this process'} with vs without an idle "
               f"one-worker Ray Train job in the background (ray_train: the embedded Ray as it was, "
               f"{LEAN_ENV}=0; ray_lean: as timemae starts it now)")
-    slowdown, ratios = _report({a: ms[a] for a in ("quiet", "ray_train")}, bs, header, "ray_train", "quiet", args)
-    lean_ratios = [b_ / q for b_, q in zip(ms["ray_lean"], ms["quiet"])]
-    lean = statistics.median(lean_ratios)
-    print(f"{'ray_lean':<10}{statistics.median(ms['ray_lean']):>16.1f}"
-          f"{bs / statistics.median(ms['ray_lean']) * 1e3:>11,.0f}  {' '.join(f'{v:.1f}' for v in ms['ray_lean'])}")
+    slowdown, ratios = _report(ms, bs, header, "ray_train", "quiet", args)
+    lean, lean_ratios = _paired(ms, "ray_lean", "quiet")
     print(f"ray_lean / quiet per round: median {lean:.3f} (range {min(lean_ratios):.3f}-{max(lean_ratios):.3f})")
     background = {a: {k: statistics.median(v) for k, v in d.items()} for a, d in bg.items()}
     for a, d in background.items():
@@ -453,6 +453,7 @@ def _raybg_ab(args) -> int:
                           "blocks_ms": ms, "background": background, "fresh": args.fresh, "cpu": cpu_info(),
                           "gemm": describe()}))
     return 0
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
