@@ -145,3 +145,14 @@ def test_embedded_ray_is_lean_unless_switched_off(tmp_path):
     assert lean["idle_workers"] == 0 and lean["watcher"] == "0"
     default = probe(**{LEAN_ENV: "0"})
     assert default["idle_workers"] >= 1 and default["watcher"] is None
+
+
+def test_embedded_ray_lean_switch_bad_value(tmp_path):
+    """A value other than 0/1 is one clear error naming the variable, before Ray starts."""
+    from timemae_dist.train.driver import LEAN_ENV
+
+    out = subprocess.run([sys.executable, "-c", _LEAN_PROBE, str(REPO), str(TINY), str(tmp_path)],
+                         env=_clean_env(**{LEAN_ENV: "off"}), capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert f"${LEAN_ENV}='off': use 1" in out.stderr and "or 0 (Ray's defaults)" in out.stderr, out.stderr[-2000:]
+    assert "Started a local Ray instance" not in out.stderr

@@ -41,8 +41,11 @@ def connect_ray(cfg: PretrainConfig, address: Optional[str] = None) -> str:
             ) from None
         return f"cluster {address}"
     num_cpus = max(os.cpu_count() or 1, 1)
+    lean = os.environ.get(LEAN_ENV, "1")
+    if lean not in ("0", "1"):
+        raise PretrainError(f"${LEAN_ENV}={lean!r}: use 1 (default: a lean embedded Ray) or 0 (Ray's defaults)")
     system_config = None
-    if os.environ.get(LEAN_ENV, "1") != "0":
+    if lean == "1":
         # Ray's own processes share the training's CPUs here (benchmarks/bench_step_ab.py --ab raybg):
         # no idle worker processes kept warm (Ray Train's controller and, on CPU, its workers carry a
         # runtime env, so they do not reuse them) and no preemption watcher (it polls for node draining, which a local Ray never does)
