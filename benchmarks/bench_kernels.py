@@ -31,7 +31,9 @@ calls: one ``MultiHeadAttention`` module (d_model 64, 4 heads, projections inclu
 backward of the encoder's self-attention (7 windows) and the regressor's cross-attention (9
 queries, 7 keys) and the target encoder's no-grad forward (9 windows); one ``ResidualNorm``
 (``norm(x + dropout(a * y))``, the feed-forward's merged masks) forward + backward at 7 windows;
-GELU on the feed-forward's (1152, 256) hidden activations, forward and forward + backward.
+GELU on the feed-forward's (1152, 256) hidden activations, forward and forward + backward; the
+codeword draw of the forward (``draw_codewords``: argmax of Gumbel-perturbed (1152, 192) logits;
+eager: ``rand`` + two ``log`` + ``add`` + ``argmax``).
 
 Prints which path ran, one table, and with ``--json`` a last line JSON object of the figures.
 The large CPU case needs ~12 GB of RAM (inputs + the unfused path's 7 GB peak) and takes
@@ -242,8 +244,10 @@ def fused_rows(iters: int = 300) -> list[dict]:
     """Eager vs fused CPU kernels (float32, training mode, dropout 0.2) at TimeMAE's HAR shapes:
     the attention module (d_model 64, 4 heads) forward + backward (the encoder's self-attention
     over 7 visible windows, the regressor's 9 queries over them) and no-grad forward (the
-    momentum target encoder over 9 windows), and the post-LN residual forward + backward."""
+    momentum target encoder over 9 windows), the post-LN residual forward + backward, GELU and the
+    codeword draw."""
     from timemae_dist.kernels import cpu_fused
+    from timemae_dist.model import draw_codewords
     from timemae_dist.model.layers import MultiHeadAttention, ResidualNorm
 
     torch.manual_seed(0)
@@ -253,6 +257,7 @@ def fused_rows(iters: int = 300) -> list[dict]:
     y7, g7 = torch.randn(128, 7, 64, requires_grad=True), torch.randn(128, 7, 64)
     x9 = torch.randn(128, 9, 64)
     h, gh = torch.randn(1152, 256), torch.randn(1152, 256)
+    tok = torch.randn(1152, 192)  # the masked windows' codeword logits (B 128 x 9 windows, vocab 192)
     hg = h.clone().requires_grad_()
 
     def ffn_act(t):  # what FeedForward.inner runs between its two Linear layers
@@ -265,6 +270,7 @@ def fused_rows(iters: int = 300) -> list[dict]:
         "residual LayerNorm 7 fwd+bwd": lambda: res_norm(x7, y7, 0.2).backward(g7),
         "GELU 1152x256 fwd": lambda: torch.no_grad()(ffn_act)(h),
         "GELU 1152x256 fwd+bwd": lambda: ffn_act(hg).backward(gh),
+        "codewords 1152x192 (Gumbel argmax)": lambda: draw_codewords(tok),
     }
     return kernel_ab_rows(cpu_fused.KERNEL, cases, iters, 30, "fused")
 

@@ -384,3 +384,88 @@ def test_no_compiler_falls_back_or_fails_clearly(run_without_compiler):
     bad = run_without_compiler(code, TIMEMAE_CPU_FUSED="yes")
     assert bad.returncode != 0 and "TIMEMAE_CPU_FUSED='yes' is not one of auto|on|off" in bad.stderr
     assert not run_without_compiler.cache.exists() or not list(run_without_compiler.cache.glob("*.so"))
+
+
+# ---------------------------------------------------------------------------------------------
+# codewords: argmax of Gumbel-perturbed logits in one pass
+
+
+def _reference_gumbel(seed: int, rows: int, K: int):
+    """The kernel's noise in float64 numpy: SplitMix64 at counter r * ceil(K/2) + k // 2 + 1, the
+    low 32-bit half for even k, its top 23 bits as U = (u + 0.5) / 2^23, G = -log(-log U)."""
+    import numpy as np
+
+    r = np.arange(rows, dtype=np.uint64)[:, None]
+    k = np.arange(K, dtype=np.uint64)[None, :]
+    c = r * np.uint64((K + 1) // 2) + k // np.uint64(2) + np.uint64(1)
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed) + c * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    half = np.where(k % np.uint64(2) == 0, z & np.uint64(0xFFFFFFFF), z >> np.uint64(32))
+    u = ((half >> np.uint64(9)).astype(np.float64) + 0.5) / 2**23
+    return torch.from_numpy(-np.log(-np.log(u)))
+
+
+@pytest.mark.parametrize("K", [1, 5, 16, 17, 192])
+def test_gumbel_argmax_is_the_reference_stream(fused, K):
+    rows = 37
+    logits = torch.randn(rows, K, generator=torch.Generator().manual_seed(K))
+    noise = torch.empty(rows, K)
+    codes = fused.gumbel_argmax(logits, torch.Generator().manual_seed(5), noise_out=noise)
+    seed = torch.empty(1, dtype=torch.int64).random_(generator=torch.Generator().manual_seed(5)).item()
+    torch.testing.assert_close(noise.double(), _reference_gumbel(seed, rows, K), rtol=2e-6, atol=2e-6)
+    assert codes.shape == (rows,) and codes.dtype == torch.int64
+    assert torch.equal(codes, (logits + noise).argmax(-1))  # the same float32 sums, the first maximum
+    batched = fused.gumbel_argmax(logits.view(1, rows, K), torch.Generator().manual_seed(5))
+    assert torch.equal(batched, codes.view(1, rows))  # leading dimensions are rows
+
+
+def test_gumbel_argmax_samples_the_softmax(fused):
+    import math
+
+    logits = torch.tensor([1.0, 0.0, -1.0, 2.0, -30.0])
+    n = 400_000
+    noise = torch.empty(n, 5)
+    draws = fused.gumbel_argmax(logits.expand(n, 5), torch.Generator().manual_seed(1), noise_out=noise)
+    freq = torch.bincount(draws, minlength=5).double() / n
+    p = torch.softmax(logits.double(), 0)
+    sigma = torch.sqrt(p * (1 - p) / n)
+    assert ((freq - p).abs() <= 5 * sigma + 1e-12).all(), (freq, p)
+    g = noise.double().flatten()  # standard Gumbel: mean Euler-Mascheroni, variance pi^2/6; finite
+    assert abs(g.mean().item() - 0.5772156649) < 5 * math.sqrt(math.pi**2 / 6 / g.numel())
+    assert abs(g.var().item() - math.pi**2 / 6) < 0.01
+    assert -2.82 < g.min().item() and g.max().item() < 16.7
+
+
+def test_gumbel_argmax_seeded_and_thread_count_independent(fused):
+    logits = torch.randn(1152, 192)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fused.gumbel_argmax(logits, torch.Generator().manual_seed(3))
+        torch.set_num_threads(2)
+        two = fused.gumbel_argmax(logits, torch.Generator().manual_seed(3))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    torch.manual_seed(11)  # the default generator: torch.manual_seed decides, each call draws anew
+    a, b = fused.gumbel_argmax(logits), fused.gumbel_argmax(logits)
+    torch.manual_seed(11)
+    assert torch.equal(fused.gumbel_argmax(logits), a) and not torch.equal(a, b)
+
+
+def test_draw_codewords_follows_the_switch(monkeypatch):
+    from timemae_dist.model import draw_codewords, gumbel_noise
+
+    logits = torch.randn(64, 12)
+    monkeypatch.setenv("TIMEMAE_CPU_FUSED", "off")  # eager: rand-based Gumbel noise + argmax
+    eager = draw_codewords(logits, torch.Generator().manual_seed(4))
+    assert torch.equal(eager, (logits + gumbel_noise(logits.shape, generator=torch.Generator().manual_seed(4))).argmax(-1))
+    monkeypatch.setenv("TIMEMAE_CPU_FUSED", "on")
+    fast = draw_codewords(logits, torch.Generator().manual_seed(4))
+    assert torch.equal(fast, cpu_fused.gumbel_argmax(logits, torch.Generator().manual_seed(4)))
+    assert not torch.equal(fast, eager)  # another stream (same distribution)
+    assert not cpu_fused.applies_gumbel(logits.double())
+    assert torch.equal(draw_codewords(logits.double(), torch.Generator().manual_seed(4)), eager)

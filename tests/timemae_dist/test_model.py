@@ -119,9 +119,23 @@ def _randomise(model, seed=0):
             p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
+def _codeword_noise(shape, generator):
+    """The Gumbel noise ``draw_codewords`` adds for ``generator``: the C kernel's stream where it
+    applies (``TIMEMAE_CPU_FUSED``), else ``-log(-log(rand))``."""
+    from timemae_dist.kernels import cpu_fused
+
+    if cpu_fused.applies_gumbel(torch.zeros(shape)):
+        noise = torch.empty(shape)
+        cpu_fused.gumbel_argmax(torch.zeros(shape), generator, noise_out=noise)
+        return noise
+    return -torch.log(-torch.log(torch.rand(shape, generator=generator)))
+
+
+@pytest.mark.parametrize("fused", ["auto", "off"])
 @pytest.mark.parametrize("backend", ["eager", "torch", "auto"])
 @pytest.mark.parametrize("seq_len", [64, 61])
-def test_parity_with_eager_transcription(backend, seq_len):
+def test_parity_with_eager_transcription(backend, seq_len, fused, monkeypatch):
+    monkeypatch.setenv("TIMEMAE_CPU_FUSED", fused)
     torch.manual_seed(0)
     cfg = tiny_cfg(seq_len=seq_len, dropout=0.0, reg_dropout=0.0, masking="per_batch", kernel_backend=backend)
     model = TimeMAE(cfg)
@@ -131,8 +145,7 @@ def test_parity_with_eager_transcription(backend, seq_len):
     perm = torch.randperm(L, generator=torch.Generator().manual_seed(3))
     M = cfg.num_masked
     out = model(x, ids_keep=perm[:-M], ids_mask=perm[-M:], generator=torch.Generator().manual_seed(7))
-    u = torch.rand(4, M, cfg.vocab_size, generator=torch.Generator().manual_seed(7))
-    gumbel = -torch.log(-torch.log(u))
+    gumbel = _codeword_noise((4, M, cfg.vocab_size), torch.Generator().manual_seed(7))
     with torch.no_grad():
         ref = eager_timemae(model, x, perm, gumbel)
     assert torch.equal(out["codewords"], ref["codewords"])
@@ -282,6 +295,27 @@ def test_encode_classify_and_padding():
         model.encode(torch.randn(3, 4, 61))
     with pytest.raises(ConfigError, match="num_classes"):
         TimeMAE(tiny_cfg()).classify(torch.randn(3, 3, 64))
+
+
+@pytest.mark.parametrize("seq_len", [64, 61])
+def test_embed_matmul_equals_the_conv1d(seq_len):
+    """On CPU ``embed`` computes the patch convolution as one matmul over windows; values and the
+    weight, bias and input gradients equal ``nn.Conv1d``'s (T zero-padded to whole windows)."""
+    torch.manual_seed(0)
+    model = TimeMAE(tiny_cfg(seq_len=seq_len))
+    x = torch.randn(4, 3, seq_len, requires_grad=True)
+    g = torch.randn(4, 8, 16)
+    emb = model.embed(x)
+    (emb * g).sum().backward()
+    fast = (emb.detach(), x.grad.clone(), model.patch_embed.weight.grad.clone(), model.patch_embed.bias.grad.clone())
+    x.grad = None
+    model.zero_grad()
+    conv = model.patch_embed(F.pad(x, (0, 64 - seq_len))).transpose(1, 2)
+    (conv * g).sum().backward()
+    ref = (conv.detach(), x.grad, model.patch_embed.weight.grad, model.patch_embed.bias.grad)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert emb.is_contiguous() and emb.shape == (4, 8, 16)
 
 
 def test_save_load_round_trip(tmp_path):

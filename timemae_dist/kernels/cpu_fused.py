@@ -64,7 +64,7 @@ from timemae_dist.kernels.ckernel import CKernel, CKernelError
 
 __all__ = ["CpuFusedError", "KERNEL", "MAX_KEYS", "MAX_QUERIES", "HEAD_DIMS", "MAX_WIDTH", "mode", "effective_mode",
            "available", "describe", "applies", "attention_core", "applies_residual", "residual_norm",
-           "applies_gelu", "gelu",
+           "applies_gelu", "gelu", "applies_gumbel", "gumbel_argmax",
            "library_path", "build"]
 
 _ENV = "TIMEMAE_CPU_FUSED"
@@ -424,6 +424,69 @@ AVX512 void timemae_gelu(const float *x, const float *g, float *out, int64_t n, 
         }
     }
 }
+
+/* ln(x) lane-wise for x > 0 (Cephes logf: x = m * 2^e, m in [sqrt(1/2), sqrt(2)), a degree-9
+   polynomial in m - 1; ~1e-7 relative error) */
+AVX512 static inline __m512 log16(__m512 x) {
+    const __m512 e = _mm512_getexp_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.41421356f)));
+    const __m512 f = _mm512_sub_ps(_mm512_scalef_ps(x, _mm512_sub_ps(_mm512_setzero_ps(), e)), _mm512_set1_ps(1.0f));
+    const __m512 z = _mm512_mul_ps(f, f);
+    __m512 y = _mm512_set1_ps(7.0376836292E-2f);
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.1514610310E-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.1676998740E-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.2420140846E-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.4249322787E-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.6668057665E-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.0000714765E-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-2.4999993993E-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(3.3333331174E-1f));
+    y = _mm512_mul_ps(_mm512_mul_ps(y, f), z);
+    y = _mm512_fmadd_ps(e, _mm512_set1_ps(-2.12194440e-4f), y);
+    y = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.5f), y);
+    return _mm512_fmadd_ps(e, _mm512_set1_ps(0.693359375f), _mm512_add_ps(f, y));
+}
+
+/* Codewords: out[r] = argmax_k (logits[r, k] + G[r, k]) over rows of K, G = -log(-log(U)) standard
+   Gumbel noise, U = (u23 + 0.5) / 2^23 in [2^-24, 1 - 2^-24] (exact in float32: never 0 or 1, so G
+   is finite) with u23 the top 23 bits of one 32-bit half of SplitMix64 output
+   (seed + (r * ceil(K / 2) + k / 2 + 1) * GOLDEN) (low half for even k). The first
+   largest k wins (as torch.argmax). noise != NULL: G is also written there (rows x K, for tests). */
+AVX512 void timemae_gumbel_argmax(const float *logits, int64_t rows, int64_t K, const int64_t *seed_ptr,
+                                  int64_t *out, float *noise, int32_t nthreads) {
+    const uint64_t seed = (uint64_t)seed_ptr[0];
+    const int64_t pairs = (K + 1) / 2;
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i g8 = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t r = 0; r < rows; ++r) {
+        __m512 best = _mm512_set1_ps(-INFINITY);
+        __m512i best_k = _mm512_setzero_si512();
+        for (int64_t k0 = 0; k0 < K; k0 += 16) {
+            const __mmask16 m = K - k0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k0)) - 1u);
+            const uint64_t c0 = (uint64_t)(r * pairs + k0 / 2 + 1);
+            __m512i z = _mm512_add_epi64(_mm512_set1_epi64((long long)seed),
+                                         _mm512_mullo_epi64(_mm512_add_epi64(_mm512_set1_epi64((long long)c0), g8),
+                                                            _mm512_set1_epi64((long long)GOLDEN)));
+            z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 30)),
+                                   _mm512_set1_epi64((long long)0xBF58476D1CE4E5B9ull));
+            z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 27)),
+                                   _mm512_set1_epi64((long long)0x94D049BB133111EBull));
+            z = _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
+            const __m512 u = _mm512_mul_ps(_mm512_add_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(z, 9)),
+                                                         _mm512_set1_ps(0.5f)), _mm512_set1_ps(0x1p-23f));
+            const __m512 g = _mm512_sub_ps(_mm512_setzero_ps(),
+                                           log16(_mm512_sub_ps(_mm512_setzero_ps(), log16(u))));
+            if (noise) _mm512_mask_storeu_ps(noise + r * K + k0, m, g);
+            const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, logits + r * K + k0), g);
+            const __mmask16 gt = _mm512_mask_cmp_ps_mask(m, v, best, _CMP_GT_OQ);
+            best = _mm512_mask_mov_ps(best, gt, v);
+            best_k = _mm512_mask_mov_epi32(best_k, gt, _mm512_add_epi32(lane, _mm512_set1_epi32((int)k0)));
+        }
+        const float mx = _mm512_reduce_max_ps(best);
+        const __mmask16 at = _mm512_cmp_ps_mask(best, _mm512_set1_ps(mx), _CMP_EQ_OQ);
+        out[r] = at ? (int64_t)_mm512_mask_reduce_min_epi32(at, best_k) : 0;
+    }
+}
 """
 
 _P = ctypes.c_void_p
@@ -453,6 +516,8 @@ def _setup(lib) -> None:
     lib.timemae_gelu.restype = None
     lib.timemae_gelu_bias.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int32]
     lib.timemae_gelu_bias.restype = None
+    lib.timemae_gumbel_argmax.argtypes = [_P, _I, _I, _P, _P, _P, ctypes.c_int32]
+    lib.timemae_gumbel_argmax.restype = None
 
 
 # -fopenmp first (one thread pool: torch's libgomp, see the module docstring); without OpenMP the
@@ -757,3 +822,37 @@ def gelu(h: torch.Tensor) -> torch.Tensor:
     """``F.gelu(h)`` (exact form ``h * Phi(h)``; Phi to ~1e-7 absolute) in one C pass each way
     (:func:`applies_gelu` must hold)."""
     return _Gelu.apply(h.contiguous())
+
+
+# ---------------------------------------------------------------------------------------------
+# codewords: argmax of Gumbel-perturbed logits
+
+
+def applies_gumbel(logits: torch.Tensor) -> bool:
+    """Whether :func:`gumbel_argmax` draws the codewords of ``logits``: a float32 CPU tensor with a
+    non-empty last dimension, the kernel available."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() < 1 or logits.shape[-1] == 0:
+        return False
+    return KERNEL.usable("torch's rand + log + argmax for the codewords")
+
+
+def gumbel_argmax(logits: torch.Tensor, generator: Optional[torch.Generator] = None,
+                  noise_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``argmax(logits + G, dim=-1)`` (int64, ``logits.shape[:-1]``), G standard Gumbel noise, in one
+    C pass: no noise tensor, no separate rand/log/add/argmax passes (~10x faster on the forward's
+    1152 x 192 codeword logits). Samples ``softmax(logits)`` per row, as the eager draw
+    (:func:`timemae_dist.model.timemae.gumbel_noise`) does; a different random stream (counter-based,
+    one seed drawn from ``generator``, default torch's, so ``torch.manual_seed`` and checkpointed
+    RNG states determine it); independent of the thread count. ``noise_out`` (float32, contiguous,
+    ``logits``' shape): also receives G (tests). :func:`applies_gumbel` must hold."""
+    x = logits.contiguous()
+    K = x.shape[-1]
+    rows = x.numel() // K
+    seed = torch.empty(1, dtype=torch.int64).random_(generator=generator)
+    out = torch.empty(x.shape[:-1], dtype=torch.int64)
+    if noise_out is not None and (noise_out.shape != x.shape or noise_out.dtype != torch.float32
+                                  or not noise_out.is_contiguous()):
+        raise ValueError("gumbel_argmax: noise_out must be a contiguous float32 tensor of the logits' shape")
+    KERNEL.lib.timemae_gumbel_argmax(x.data_ptr(), rows, K, seed.data_ptr(), out.data_ptr(),
+                                     None if noise_out is None else noise_out.data_ptr(), torch.get_num_threads())
+    return out

@@ -12,7 +12,7 @@ from timemae_dist.model.objectives import (
     representation_spread,
     timemae_loss,
 )
-from timemae_dist.model.timemae import TimeMAE, build_model, gumbel_noise, random_masks
+from timemae_dist.model.timemae import TimeMAE, build_model, draw_codewords, gumbel_noise, random_masks
 
 __all__ = [
     "TimeMAE",
@@ -21,6 +21,7 @@ __all__ = [
     "EncoderConfig",
     "build_model",
     "random_masks",
+    "draw_codewords",
     "gumbel_noise",
     "mrr_loss",
     "mcc_loss",

@@ -4,7 +4,8 @@ Pretraining forward (``x_BCT`` -> losses), with ``L`` windows, ``V`` visible, ``
 
 1. ``emb_BLD = Conv1d(C, D, kernel=stride=wave_length)(pad(x))`` (T zero-padded at the end).
 2. Codewords: ``argmax(tokenizer(emb) + gumbel noise)`` of the masked windows (no gradient;
-   equals the official ``argmax(gumbel_softmax(tokenizer(emb)))`` in distribution for any tau).
+   equals the official ``argmax(gumbel_softmax(tokenizer(emb)))`` in distribution for any tau;
+   :func:`draw_codewords`, one C pass on CPU).
 3. Masks: ``per_sample`` (argsort of uniform noise per window) or ``per_batch`` (one ``randperm``
    for the batch, as the official code); or explicit ``ids_keep`` / ``ids_mask``.
 4. ``fused_mask_gather``: visible = emb[keep] + pos[keep]; target_in = emb[mask] + pos[mask];
@@ -44,7 +45,7 @@ from timemae_dist.model.config import TimeMAEConfig
 from timemae_dist.model.layers import Regressor, TransformerEncoder, init_linear_official
 from timemae_dist.model.objectives import codeword_ndcg, codeword_top1, representation_spread, timemae_loss
 
-__all__ = ["TimeMAE", "build_model", "gumbel_noise", "random_masks"]
+__all__ = ["TimeMAE", "build_model", "draw_codewords", "gumbel_noise", "random_masks"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -88,6 +89,20 @@ def gumbel_noise(shape, device=None, generator: torch.Generator | None = None) -
     """
     u = torch.rand(shape, device=device, dtype=torch.float32, generator=generator)
     return u.log_().neg_().log_().neg_()
+
+
+def draw_codewords(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``argmax(logits + Gumbel noise, dim=-1)``: one sample of ``softmax(logits)`` per row.
+
+    On CPU in one C pass where the fused kernels apply (:func:`timemae_dist.kernels.cpu_fused.
+    gumbel_argmax`: its own counter-based stream, one seed drawn from ``generator``); elsewhere
+    :func:`gumbel_noise` + ``argmax``. Same distribution, different random streams."""
+    if logits.device.type == "cpu":
+        from timemae_dist.kernels import cpu_fused
+
+        if cpu_fused.applies_gumbel(logits):
+            return cpu_fused.gumbel_argmax(logits, generator)
+    return (logits + gumbel_noise(logits.shape, logits.device, generator)).argmax(dim=-1)
 
 
 def _gather_eager(emb_BLD, pos_LD, mask_token_D, ids_keep_BV, ids_mask_BM, add_pos: bool):
@@ -268,6 +283,15 @@ class TimeMAE(nn.Module):
         pad = L * cfg.wave_length - T
         if pad:
             x_BCT = F.pad(x_BCT, (0, pad))
+        weight = self.patch_embed.weight
+        if x_BCT.device.type == "cpu" and not hasattr(weight, "ds_id"):
+            # kernel = stride: the convolution is one matmul over (B*L) windows of C*w samples; on CPU
+            # ~2x faster forward+backward than Conv1d's (and no transpose copy after it). Not for
+            # ZeRO-3 partitions, which only the module's own forward hook gathers.
+            B, C, _ = x_BCT.shape
+            w = cfg.wave_length
+            win_BLCw = x_BCT.reshape(B, C, L, w).permute(0, 2, 1, 3).reshape(B, L, C * w)
+            return F.linear(win_BLCw, weight.reshape(weight.shape[0], C * w), self.patch_embed.bias)
         return self.patch_embed(x_BCT).transpose(1, 2).contiguous()
 
     def _masked_inputs(self, emb_BLD, ids_keep_BV, ids_mask_BM):
@@ -331,8 +355,7 @@ class TimeMAE(nn.Module):
         with torch.no_grad():
             emb_BMD = emb_BLD.gather(1, ids_mask.unsqueeze(-1).expand(-1, -1, D))
             tok_BMK = self.tokenizer(emb_BMD).float()
-            gumbel_BMK = gumbel_noise(tok_BMK.shape, tok_BMK.device, generator)
-            codewords_BM = (tok_BMK + gumbel_BMK).argmax(dim=-1)
+            codewords_BM = draw_codewords(tok_BMK, generator)
 
         visible_BVD, target_in_BMD, queries_BMD = self._masked_inputs(emb_BLD, ids_keep, ids_mask)
 

@@ -110,9 +110,13 @@ def test_flat_engine_trains_as_the_per_tensor_engine(tiny_store, tmp_path):
         torch.testing.assert_close(norms[0], norms[1], rtol=1e-5, atol=0)
     assert all(p.grad is None for p in m_f.parameters()) and e_f.flat.param.grad is None
     for (k, a), b in zip(m_f.state_dict().items(), m_p.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
-    for a, b in zip(t_f.parameters(), t_p.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # An attention key bias adds the same q.b to every score of a query, which the softmax
+        # cancels: its gradient is rounding noise (~1e-11) that AdamW scales up to lr-sized steps,
+        # so the two paths' summation orders make it differ by ~1e-6 of lr-sized values.
+        atol = 1e-4 if k.endswith("k_proj.bias") else 1e-6
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=atol, msg=k)
+    for (k, a), b in zip(t_f.state_dict().items(), t_p.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4 if k.endswith("k_proj.bias") else 1e-6, msg=k)
     assert any(not torch.equal(p, q) for p, q in zip(t_f.parameters(), t_init))  # the EMA ran
     assert e_f.flat.is_intact()
 
