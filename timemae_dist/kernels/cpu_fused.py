@@ -33,6 +33,11 @@ gradient, and a GELU variant runs on ``h + b`` and sums ``b``'s gradient; the fu
 forms (``attn_forward``/``attn_backward``, ``resnorm_forward``/``resnorm_backward``,
 ``gelu_bias_forward``/``gelu_bias_backward``) run the kernels without autograd.
 
+**Codewords.** The forward's codeword draw, ``argmax(logits + G)`` with G standard Gumbel noise
+(:func:`gumbel_argmax`, through :func:`timemae_dist.model.draw_codewords`), in one pass per row:
+the noise from a SplitMix64 counter stream and a vectorised log, never stored; eagerly it is
+``rand``, two ``log``, ``add`` and ``argmax`` over a (B * masked windows, vocab) tensor.
+
 **GELU.** The exact form ``x * Phi(x)`` (as ``F.gelu``) with Phi from Abramowitz & Stegun 7.1.26
 (absolute error <= 1.5e-7, one ``exp`` shared with the pdf the backward needs). About as fast as
 torch's forward, 2x faster than its backward (which evaluates erf and exp separately).
@@ -846,13 +851,13 @@ def gumbel_argmax(logits: torch.Tensor, generator: Optional[torch.Generator] = N
     RNG states determine it); independent of the thread count. ``noise_out`` (float32, contiguous,
     ``logits``' shape): also receives G (tests). :func:`applies_gumbel` must hold."""
     x = logits.contiguous()
+    if noise_out is not None and (noise_out.shape != x.shape or noise_out.dtype != torch.float32
+                                  or not noise_out.is_contiguous()):
+        raise ValueError("gumbel_argmax: noise_out must be a contiguous float32 tensor of the logits' shape")
     K = x.shape[-1]
     rows = x.numel() // K
     seed = torch.empty(1, dtype=torch.int64).random_(generator=generator)
     out = torch.empty(x.shape[:-1], dtype=torch.int64)
-    if noise_out is not None and (noise_out.shape != x.shape or noise_out.dtype != torch.float32
-                                  or not noise_out.is_contiguous()):
-        raise ValueError("gumbel_argmax: noise_out must be a contiguous float32 tensor of the logits' shape")
     KERNEL.lib.timemae_gumbel_argmax(x.data_ptr(), rows, K, seed.data_ptr(), out.data_ptr(),
                                      None if noise_out is None else noise_out.data_ptr(), torch.get_num_threads())
     return out

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_pipeline.typedconfig import ConfigError, from_dict, to_dict
+from timemae_dist.kernels import cpu_fused
 from timemae_dist.model.config import TimeMAEConfig
 from timemae_dist.model.layers import Regressor, TransformerEncoder, init_linear_official
 from timemae_dist.model.objectives import codeword_ndcg, codeword_top1, representation_spread, timemae_loss
@@ -97,11 +98,8 @@ def draw_codewords(logits: torch.Tensor, generator: torch.Generator | None = Non
     On CPU in one C pass where the fused kernels apply (:func:`timemae_dist.kernels.cpu_fused.
     gumbel_argmax`: its own counter-based stream, one seed drawn from ``generator``); elsewhere
     :func:`gumbel_noise` + ``argmax``. Same distribution, different random streams."""
-    if logits.device.type == "cpu":
-        from timemae_dist.kernels import cpu_fused
-
-        if cpu_fused.applies_gumbel(logits):
-            return cpu_fused.gumbel_argmax(logits, generator)
+    if cpu_fused.applies_gumbel(logits):
+        return cpu_fused.gumbel_argmax(logits, generator)
     return (logits + gumbel_noise(logits.shape, logits.device, generator)).argmax(dim=-1)
 
 
