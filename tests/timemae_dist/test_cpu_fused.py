@@ -376,7 +376,7 @@ def test_no_compiler_falls_back_or_fails_clearly(run_without_compiler):
     auto = run_without_compiler(code, TIMEMAE_CPU_FUSED="auto")
     assert auto.returncode == 0, auto.stderr
     assert "using the eager attention" in auto.stdout and "no C compiler" in auto.stdout
-    assert "fused CPU kernels (attention core, residual LayerNorm, GELU): eager torch ops (C kernel unavailable" in auto.stdout
+    assert "fused CPU kernels (attention core, residual LayerNorm, GELU, codeword draw): eager torch ops (C kernel unavailable" in auto.stdout
     on = run_without_compiler(code, TIMEMAE_CPU_FUSED="on")
     assert on.returncode != 0
     assert "TIMEMAE_CPU_FUSED=on" in on.stderr and "no C compiler" in on.stderr, on.stderr

@@ -71,8 +71,7 @@ def applies(block, x: torch.Tensor, kv: Optional[torch.Tensor] = None) -> bool:
     if block.ffn.linear1.out_features % 16:  # the bias + GELU kernel's rows are 16-lane vectors
         return False
     w = attn.q_proj.weight
-    # ZeRO-3 partitions carry ds_id (their data is gathered by per-module hooks this path bypasses)
-    return w.dtype == torch.float32 and w.device.type == "cpu" and not hasattr(w, "ds_id")
+    return w.dtype == torch.float32 and w.device.type == "cpu" and not cpu_fused.is_zero3_partition(w)
 
 
 class _Block(torch.autograd.Function):

@@ -69,7 +69,7 @@ from timemae_dist.kernels.ckernel import CKernel, CKernelError
 
 __all__ = ["CpuFusedError", "KERNEL", "MAX_KEYS", "MAX_QUERIES", "HEAD_DIMS", "MAX_WIDTH", "mode", "effective_mode",
            "available", "describe", "applies", "attention_core", "applies_residual", "residual_norm",
-           "applies_gelu", "gelu", "applies_gumbel", "gumbel_argmax",
+           "applies_gelu", "gelu", "applies_gumbel", "gumbel_argmax", "is_zero3_partition",
            "library_path", "build"]
 
 _ENV = "TIMEMAE_CPU_FUSED"
@@ -551,7 +551,7 @@ def describe(model_config=None) -> str:
     """One line for logs: which path this process runs for the fused kernels, and why; with a
     model config (:class:`timemae_dist.model.config.TimeMAEConfig`), which of them that model's
     pretraining blocks fit (head width, visible windows as keys, masked ones as queries, width)."""
-    line = KERNEL.describe("fused CPU kernels (attention core, residual LayerNorm, GELU)", "eager torch ops")
+    line = KERNEL.describe("fused CPU kernels (attention core, residual LayerNorm, GELU, codeword draw)", "eager torch ops")
     if model_config is None or KERNEL.mode() == "off" or KERNEL.lib is None:
         return line
     head = model_config.d_model // model_config.num_heads
@@ -565,6 +565,13 @@ def describe(model_config=None) -> str:
         misfit.append(f"residual LayerNorm eager (d_model {model_config.d_model}; the kernel takes multiples of 16 "
                       f"up to {MAX_WIDTH})")
     return line if not misfit else f"{line}; this model: {'; '.join(misfit)}"
+
+
+def is_zero3_partition(param: torch.Tensor) -> bool:
+    """Whether ``param`` is a DeepSpeed ZeRO-3 partitioned parameter (it carries ``ds_id``): its full
+    data exists only inside the owning module's forward, gathered by DeepSpeed's per-module hooks,
+    which the fused paths (:mod:`timemae_dist.kernels.cpu_block`, the matmul patch embedding) bypass."""
+    return hasattr(param, "ds_id")
 
 
 def library_path() -> Path:

@@ -282,7 +282,7 @@ class TimeMAE(nn.Module):
         if pad:
             x_BCT = F.pad(x_BCT, (0, pad))
         weight = self.patch_embed.weight
-        if x_BCT.device.type == "cpu" and not hasattr(weight, "ds_id"):
+        if x_BCT.device.type == "cpu" and not cpu_fused.is_zero3_partition(weight):
             # kernel = stride: the convolution is one matmul over (B*L) windows of C*w samples; on CPU
             # ~2x faster forward+backward than Conv1d's (and no transpose copy after it). Not for
             # ZeRO-3 partitions, which only the module's own forward hook gathers.

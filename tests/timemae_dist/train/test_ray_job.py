@@ -119,7 +119,7 @@ def test_ray_job_submit_tiny_run(head_node, tiny_store, tmp_path):
         assert "rank 0: fp32 GEMM: oneMKL AVX-512 path" in logs, logs[-3000:]
     # trainer.cpu_dropout reaches the job's workers (through the runtime env, like LD_PRELOAD)
     assert "rank 0: dropout masks: eager torch ops (TIMEMAE_CPU_DROPOUT=off)" in logs, logs[-3000:]
-    assert "rank 0: fused CPU kernels (attention core, residual LayerNorm, GELU): eager torch ops (TIMEMAE_CPU_FUSED=off)" in logs, \
+    assert "rank 0: fused CPU kernels (attention core, residual LayerNorm, GELU, codeword draw): eager torch ops (TIMEMAE_CPU_FUSED=off)" in logs, \
         logs[-3000:]
     assert (storage / "job" / "checkpoint_0000004" / "meta.json").is_file()
     assert list((storage / "job" / "tb").glob("events.out.tfevents.*"))

@@ -162,7 +162,7 @@ def test_cpu_fused_option_switches_the_fused_kernels_for_the_run(tiny_store, tmp
                               "run.eval_every=0", f"trainer.cpu_fused={mode}", "model.d_model=32")  # 16-wide heads
         assert math.isfinite(run_single(load_pretrain_config(TINY_CONFIG, over))["final_loss"])
         out = capsys.readouterr().out
-        label = "fused CPU kernels (attention core, residual LayerNorm, GELU)"
+        label = "fused CPU kernels (attention core, residual LayerNorm, GELU, codeword draw)"
         want = f"{label}: C kernel" if mode == "on" else f"{label}: eager torch ops"
         assert want in out, out
         assert "TIMEMAE_CPU_FUSED" not in os.environ  # restored after the run
@@ -170,7 +170,7 @@ def test_cpu_fused_option_switches_the_fused_kernels_for_the_run(tiny_store, tmp
     over = tiny_overrides(tiny_store, tmp_path, "attn_env", "trainer.max_steps=1", "run.checkpoint_every=0",
                           "run.eval_every=0", "trainer.cpu_fused=on")
     run_single(load_pretrain_config(TINY_CONFIG, over))
-    assert "residual LayerNorm, GELU): eager torch ops (TIMEMAE_CPU_FUSED=off)" in capsys.readouterr().out
+    assert "GELU, codeword draw): eager torch ops (TIMEMAE_CPU_FUSED=off)" in capsys.readouterr().out
     assert os.environ["TIMEMAE_CPU_FUSED"] == "off"
     if fused:  # the tiny model's 8-wide heads: the log says the kernel does not take them
         monkeypatch.delenv("TIMEMAE_CPU_FUSED")
