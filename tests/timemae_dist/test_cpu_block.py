@@ -183,3 +183,45 @@ def test_model_step_matches_the_per_op_path():
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     _assert_grads_close(grads, ref_grads, names)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("enable_a", [True, False])
+def test_params_are_the_modules_own_parameter_objects(cross, enable_a):
+    """``_params`` reads the modules' parameter dicts directly (no ``nn.Module.__getattr__``): the very
+    objects the attribute path gives, in the node's argument order, ``a`` None when it is off."""
+    blk = _block(cross, enable_a)
+    at, ff, r1, r2 = blk.attn, blk.ffn, blk.res1, blk.res2
+    want = [at.q_proj.weight, at.q_proj.bias, at.k_proj.weight, at.k_proj.bias, at.v_proj.weight, at.v_proj.bias,
+            at.out_proj.weight, at.out_proj.bias, r1.norm.weight, r1.norm.bias, r1.a,
+            ff.linear1.weight, ff.linear1.bias, ff.linear2.weight, ff.linear2.bias, r2.norm.weight, r2.norm.bias, r2.a]
+    got = cpu_block._params(blk)
+    assert len(got) == len(want) and all(g is w for g, w in zip(got, want))
+    assert (got[10] is None and got[17] is None) == (not enable_a)
+    blk.ffn.linear1.weight = torch.nn.Parameter(torch.zeros_like(blk.ffn.linear1.weight))  # a replaced parameter
+    assert cpu_block._params(blk)[11] is blk.ffn.linear1.weight
+
+
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("how", ["no_grad", "frozen"])
+def test_forward_with_nothing_to_differentiate_skips_the_node(cross, how):
+    """Under ``torch.no_grad()``, or with no input and no parameter requiring a gradient (the momentum
+    target encoder), the block runs its forward without ``autograd.Function.apply``: the same output
+    and random draws as the recorded node, and no graph."""
+    blk = _block(cross, True).train()
+    x, kv = _inputs(cross)
+    torch.manual_seed(5)
+    want = cpu_block.block_forward(blk, x, kv)  # recorded: x requires grad
+    want_rng = torch.get_rng_state()
+    assert want.grad_fn is not None
+    x, kv = x.detach(), None if kv is None else kv.detach()
+    if how == "frozen":
+        blk.requires_grad_(False)
+    torch.manual_seed(5)
+    if how == "no_grad":
+        with torch.no_grad():
+            got = cpu_block.block_forward(blk, x, kv)
+    else:
+        got = cpu_block.block_forward(blk, x, kv)
+    assert got.grad_fn is None and not got.requires_grad
+    assert torch.equal(got, want.detach()) and torch.equal(torch.get_rng_state(), want_rng)

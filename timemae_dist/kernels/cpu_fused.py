@@ -60,6 +60,7 @@ build and apply, ``on`` raises where they cannot build, ``off`` always runs the 
 from __future__ import annotations
 
 import ctypes
+import functools
 from pathlib import Path
 from typing import Optional
 
@@ -592,7 +593,9 @@ def applies(x: torch.Tensor, num_keys: int, head_dim: int) -> bool:
     return KERNEL.usable("the eager attention")
 
 
+@functools.lru_cache(maxsize=64)
 def _keep(p: float) -> tuple[int, float]:
+    """(keep threshold, 1 / keep probability) of dropout rate ``p``; cached (3 calls per block and step)."""
     from timemae_dist.model.layers import keep_threshold
 
     thr = keep_threshold(p)
