@@ -5,7 +5,8 @@ torch's GEMMs.
 With the fused kernels, a block still runs as ~15 ops forward and ~25 autograd nodes backward
 (views, transposes, ``addmm`` with its bias broadcast copy, a row sum per bias gradient, one
 ``AccumulateGrad`` per parameter use), 20 blocks a step. Here a block's forward calls the GEMMs and
-kernels directly with autograd off and records one node; its backward is written out (each GEMM's
+kernels directly with autograd off and records one node (none where nothing needs a gradient: the
+momentum target encoder, evaluation); its backward is written out (each GEMM's
 input and weight gradients, the residual branches added in place by ``addmm_``). The output
 projection's, ``linear1``'s and ``linear2``'s biases are added inside the kernels that read those
 GEMMs' outputs (the residual LayerNorm adds a bias of ``y``, GELU runs on ``h + b``), whose
