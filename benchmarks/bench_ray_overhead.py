@@ -67,21 +67,19 @@ def _name(pid: int) -> str:
     return " ".join(parts)[:60]
 
 
-def snapshot() -> tuple[dict[tuple[int, int], tuple[int, int, int]], dict[int, str]]:
-    """Every thread on the machine, (pid, tid) -> (CPU ticks, voluntary, involuntary switches), and
-    every process's name (read now: a process may be gone when the report is written)."""
-    out, names = {}, {}
+def snapshot() -> dict[tuple[int, int], tuple[int, int, int]]:
+    """Every thread on the machine: (pid, tid) -> (CPU ticks, voluntary, involuntary switches)."""
+    out = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             tids = os.listdir(f"/proc/{pid}/task")
         except OSError:
             continue
-        names[int(pid)] = _name(int(pid))
         for tid in tids:
             r = _read_thread(int(pid), int(tid))
             if r is not None:
                 out[(int(pid), int(tid))] = r
-    return out, names
+    return out
 
 
 def attribute(before: dict, after: dict, names: dict[int, str], seconds: float, training_pid: int,
@@ -92,18 +90,14 @@ def attribute(before: dict, after: dict, names: dict[int, str], seconds: float, 
     deltas = {k: tuple(a - b for a, b in zip(after[k], before[k])) for k in after if k in before}
     train = sorted(((d, k) for k, d in deltas.items() if k[0] == training_pid), key=lambda x: -x[0][0])
     busiest, rest = train[:2], train[2:]
-    per_proc: dict[int, list[float]] = {}
+    per_proc: dict[int, list[float]] = {}  # pid -> [wake-ups, CPU ticks]
+    named: dict[str, list[float]] = {}  # the same, summed over processes of one name
     for (pid, _tid), (cpu, vol, invol) in deltas.items():
         if pid == training_pid or pid in skip:
             continue
-        acc = per_proc.setdefault(pid, [0.0, 0.0])
-        acc[0] += cpu
-        acc[1] += vol + invol
-    named: dict[str, list[float]] = {}
-    for pid, (cpu, wakes) in per_proc.items():
-        acc = named.setdefault(names.get(pid, "?"), [0.0, 0.0])
-        acc[0] += wakes
-        acc[1] += cpu
+        for acc in (per_proc.setdefault(pid, [0.0, 0.0]), named.setdefault(names.get(pid, "?"), [0.0, 0.0])):
+            acc[0] += vol + invol
+            acc[1] += cpu
     top = sorted(named.items(), key=lambda x: -x[1][0])[:8]
     return {
         "training_threads": {
@@ -116,9 +110,9 @@ def attribute(before: dict, after: dict, names: dict[int, str], seconds: float, 
             "wakeups_per_s": sum(d[1] + d[2] for d, _ in rest) / seconds,
         },
         "other_processes": {
-            "cpu_percent": sum(c for c, _ in per_proc.values()) / tick / seconds * 100,
-            "wakeups_per_s": sum(w for _, w in per_proc.values()) / seconds,
-            "processes": sum(1 for _, w in per_proc.values() if w > 0),
+            "cpu_percent": sum(c for _, c in per_proc.values()) / tick / seconds * 100,
+            "wakeups_per_s": sum(w for w, _ in per_proc.values()) / seconds,
+            "processes": sum(1 for w, _ in per_proc.values() if w > 0),
             "top": [[n, w / seconds, c / tick / seconds * 100] for n, (w, c) in top],
         },
     }
@@ -158,9 +152,10 @@ def measure(mode: str, args, storage: str) -> dict:
             pid = int((Path(storage) / name / "pids" / "rank_0.pid").read_text())
         else:
             pid = proc.pid  # `timemae` re-executes itself in place (same pid) when it preloads the GEMM shim
-        (before, _), t0 = snapshot(), time.perf_counter()
+        before, t0 = snapshot(), time.perf_counter()
         time.sleep(args.window)
-        (after, names), seconds = snapshot(), time.perf_counter() - t0
+        after, seconds = snapshot(), time.perf_counter() - t0
+        names = {pid: _name(pid) for pid in {pid for pid, _ in after}}  # now: some end before the report
         if proc.poll() is not None:
             raise SystemExit(f"bench_ray_overhead: the {mode} run ended inside the sampling window; raise --steps")
         proc.wait(timeout=900)

@@ -55,13 +55,13 @@ def test_snapshot_sees_a_busy_thread_of_this_process():
     worker = threading.Thread(target=spin)
     worker.start()
     try:
-        before, names = bench_ray_overhead.snapshot()
+        before = bench_ray_overhead.snapshot()
         time.sleep(0.5)
-        after, _ = bench_ray_overhead.snapshot()
+        after = bench_ray_overhead.snapshot()
     finally:
         stop.set()
         worker.join()
     me = os.getpid()
-    assert names[me] and (me, worker.native_id) in before and (me, worker.native_id) in after
+    assert bench_ray_overhead._name(me) and (me, worker.native_id) in before and (me, worker.native_id) in after
     ticks = after[(me, worker.native_id)][0] - before[(me, worker.native_id)][0]
     assert ticks > 0
