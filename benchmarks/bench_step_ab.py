@@ -272,8 +272,10 @@ def _threads_ab(args) -> int:
 
 
 def _block_ab(args) -> int:
-    """Each block as one fused autograd node (timemae_dist/kernels/cpu_block.py) vs op by op on the same
-    fused kernels (``cpu_block.disabled()``), switched between blocks of steps."""
+    """``--ab block``: each block as one fused autograd node (timemae_dist/kernels/cpu_block.py) vs op by
+    op on the same fused kernels (``cpu_block.disabled()``). ``--ab onecall``: the node as one C call each
+    way vs the node calling torch's GEMMs and the kernels one by one (``cpu_block.torch_gemms()``).
+    Switched between blocks of steps."""
     import contextlib
 
     from timemae_dist.hostinfo import cpu_info, describe_cpu
@@ -281,24 +283,29 @@ def _block_ab(args) -> int:
     from timemae_dist.mkl_avx512 import describe
 
     cpu_fused.KERNEL.available("on")
+    onecall = args.ab == "onecall"
+    if onecall and not cpu_block.one_call_status()[0]:
+        raise SystemExit(f"bench_step_ab --ab onecall: {cpu_block.one_call_status()[1]}")
+    fast, slow = ("one_call", "torch_gemms") if onecall else ("block", "per_op")
     cfg, batches, step, _ = _setup(args)
     with contextlib.ExitStack() as stack:
-        def arm(per_op):
+        def arm(off):
             def enter():
                 stack.close()
-                if per_op:
-                    stack.enter_context(cpu_block.disabled())
+                if off:
+                    stack.enter_context(cpu_block.torch_gemms() if onecall else cpu_block.disabled())
                 return step
             return enter
 
-        ms = _alternate({"block": arm(False), "per_op": arm(True)}, batches, args.rounds)
+        ms = _alternate({fast: arm(False), slow: arm(True)}, batches, args.rounds)
         stack.close()
     med = {a: statistics.median(v) for a, v in ms.items()}
     bs = cfg.trainer.micro_batch_size
-    header = f"CPU: {describe_cpu()}; {describe()}; torch threads {args.threads}; one node per block vs op by op"
-    speedup, ratios = _report(ms, bs, header, "per_op", "block", args)
+    what = "one C call per block vs torch's GEMMs from Python" if onecall else "one node per block vs op by op"
+    header = f"CPU: {describe_cpu()}; {describe()}; torch threads {args.threads}; {what}"
+    speedup, ratios = _report(ms, bs, header, slow, fast, args)
     if args.json:
-        print(json.dumps({"block_ms": med["block"], "per_op_ms": med["per_op"], "speedup": speedup, "ratios": ratios,
+        print(json.dumps({f"{fast}_ms": med[fast], f"{slow}_ms": med[slow], "speedup": speedup, "ratios": ratios,
                           "windows_per_s": {a: bs / med[a] * 1e3 for a in ms}, "blocks_ms": ms, "cpu": cpu_info(),
                           "gemm": describe()}))
     return 0
@@ -457,7 +464,8 @@ def _raybg_ab(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ab", choices=("dropout", "fused", "block", "flat", "malloc", "threads", "raybg"), default="dropout")
+    p.add_argument("--ab", choices=("dropout", "fused", "block", "onecall", "flat", "malloc", "threads", "raybg"),
+                   default="dropout")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ray-background", nargs=2, metavar=("STOP", "READY"), help=argparse.SUPPRESS)
     p.add_argument("--store", default=str(REPO / "stores" / "hapt_har"))
@@ -478,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         return _malloc_ab(args)
     if args.ab == "threads":
         return _threads_ab(args)
-    if args.ab == "block":
+    if args.ab in ("block", "onecall"):
         return _block_ab(args)
     if args.ab == "flat":
         return _flat_ab(args)

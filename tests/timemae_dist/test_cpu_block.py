@@ -225,3 +225,76 @@ def test_forward_with_nothing_to_differentiate_skips_the_node(cross, how):
         got = cpu_block.block_forward(blk, x, kv)
     assert got.grad_fn is None and not got.requires_grad
     assert torch.equal(got, want.detach()) and torch.equal(torch.get_rng_state(), want_rng)
+
+
+# --- the node as one C call each way (GEMMs through PyTorch's own sgemm_) ------------------------
+
+
+def test_one_call_is_in_use_where_torch_has_mkl():
+    """PyTorch's x86 wheels export oneMKL's ``sgemm_``: blocks run as one C call there; ``torch_gemms()``
+    switches back to the Python-driven node, and the log line says which."""
+    ok, why = cpu_block.one_call_status()
+    if not torch.backends.mkl.is_available():
+        pytest.skip(f"this PyTorch has no MKL ({why})")
+    assert ok, why
+    blk = _block(False, True)
+    x, _ = _inputs(False)
+    assert cpu_block.one_call() and type(cpu_block.block_forward(blk, x).grad_fn).__name__ == "_OneCallBackward"
+    with cpu_block.torch_gemms():
+        assert not cpu_block.one_call()
+        assert type(cpu_block.block_forward(blk, x).grad_fn).__name__ == "_BlockBackward"
+    assert cpu_block.one_call()
+    assert "blocks: one C call each way (GEMMs: sgemm_ of libtorch_cpu" in cpu_fused.describe()
+
+
+@pytest.mark.parametrize("ta,tb", [(0, 0), (0, 1), (1, 0), (1, 1)])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_block_gemm_matches_torch_mm(ta, tb, beta):
+    """The row-major GEMM the C block calls (column-major ``sgemm_`` with the operands swapped), on
+    strided operands: every transpose combination, with and without accumulation into C."""
+    if not cpu_block.one_call_status()[0]:
+        pytest.skip(cpu_block.one_call_status()[1])
+    g = torch.Generator().manual_seed(0)
+    m, n, k = 23, 40, 70
+    a_big = torch.randn((k, m + 3) if ta else (m, k + 3), generator=g)  # leading dimension > columns
+    b_big = torch.randn((n, k + 5) if tb else (k, n + 5), generator=g)
+    c_big = torch.randn(m, n + 7, generator=g)
+    a = a_big[:, :m] if ta else a_big[:, :k]
+    b = b_big[:, :k] if tb else b_big[:, :n]
+    want = c_big.clone()
+    want[:, :n] = beta * c_big[:, :n] + (a.t() if ta else a) @ (b.t() if tb else b)
+    cpu_fused.KERNEL.lib.timemae_block_mm(ta, tb, m, n, k, a_big.data_ptr(), a_big.stride(0), b_big.data_ptr(),
+                                          b_big.stride(0), beta, c_big.data_ptr(), c_big.stride(0))
+    torch.testing.assert_close(c_big, want, rtol=1e-5, atol=1e-5)  # the padding columns untouched too
+
+
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("B,enable_a", [(6, True), (20, True), (20, False)])  # 54 rows: one chunk; 180: three
+def test_one_call_matches_the_python_driven_node(cross, training, B, enable_a):
+    if not cpu_block.one_call_status()[0]:
+        pytest.skip(cpu_block.one_call_status()[1])
+    blk = _block(cross, enable_a).train(training)
+    x, kv = _inputs(cross, B=B)
+    out, grads, rng = _run(blk, x, kv)
+    with cpu_block.torch_gemms():
+        ref_out, ref_grads, ref_rng = _run(blk, x, kv)
+    assert torch.equal(rng, ref_rng)  # one draw of the block's seeds: the same generator state
+    torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)  # the same GEMMs and kernels
+    names = ["x"] + (["kv"] if cross else []) + [n for n, _ in blk.named_parameters()]
+    _assert_grads_close(grads, ref_grads, names)
+
+
+def test_one_call_gradients_accumulate_over_backward_passes():
+    """The node returns its parameters' gradients as views of a few buffers: autograd takes them as
+    ``.grad`` on the first pass and adds the second pass's into them, per parameter."""
+    blk = _block(True, True).train()
+    x, kv = _inputs(True)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    torch.manual_seed(5)
+    once = torch.autograd.grad(blk(x, kv), list(blk.parameters()), g)
+    for _ in range(2):
+        torch.manual_seed(5)
+        blk(x, kv).backward(g)
+    for (name, p), want in zip(blk.named_parameters(), once):
+        torch.testing.assert_close(p.grad, 2 * want, rtol=1e-6, atol=1e-7, msg=name)

@@ -17,6 +17,18 @@ draws as the per-op fused path of :class:`timemae_dist.model.layers.TransformerB
 torch's generator), so a run draws the same masks either way; results agree to float32 rounding.
 Measured: ``benchmarks/bench_step_ab.py --ab block``.
 
+**One C call.** Called op by op from Python, a node still costs ~0.1 ms forward and ~0.3 ms forward
++ backward of serial Python, dispatch and allocator work whatever the batch (20 blocks a step, the
+second OpenMP thread idle meanwhile). Where PyTorch's CPU library exports the BLAS ``sgemm_`` it
+calls itself (oneMKL in the x86 wheels), the node's forward and backward are each one C call
+(``timemae_block_fwd`` / ``timemae_block_bwd`` of the kernel library): the same GEMMs through that
+``sgemm_``, the kernels in between, one workspace tensor for what the backward reads, the bias and
+LayerNorm gradient sums reduced in C over fixed row chunks. Same draws (one ``random_()`` of the
+block's seeds: the same values in the same order); the outputs equal the Python-driven node's and
+the gradients agree to float32 rounding (the q|k|v bias sums are chunked sums instead of
+``sum(0)``). :func:`one_call_status` checks ``sgemm_`` against ``torch.mm`` once per process;
+:func:`torch_gemms` switches back for A/B runs (``benchmarks/bench_step_ab.py --ab onecall``).
+
 Applies where every fused kernel applies to the block (float32 CPU tensors, no autocast, heads
 and shapes the attention kernel takes, widths the residual kernel takes) and the block's
 parameters are whole tensors (not ZeRO-3 partitions, which DeepSpeed gathers per module in hooks
@@ -27,15 +39,20 @@ the kernels.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import sys
+from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 
 from timemae_dist.kernels import cpu_fused
 
-__all__ = ["applies", "block_forward", "disabled"]
+__all__ = ["applies", "block_forward", "disabled", "torch_gemms", "one_call", "one_call_status"]
 
 _disabled = 0  # > 0 inside disabled(): blocks run the per-op path
+_torch_gemms = 0  # > 0 inside torch_gemms(): a block node calls torch's GEMMs and the kernels one by one
 
 
 @contextlib.contextmanager
@@ -48,6 +65,55 @@ def disabled() -> Iterator[None]:
         yield
     finally:
         _disabled -= 1
+
+
+@contextlib.contextmanager
+def torch_gemms() -> Iterator[None]:
+    """Block nodes call torch's GEMMs and the kernels one by one from Python inside this context,
+    instead of the whole block in one C call: for A/B measurements (``benchmarks/bench_step_ab.py
+    --ab onecall``) and parity tests."""
+    global _torch_gemms
+    _torch_gemms += 1
+    try:
+        yield
+    finally:
+        _torch_gemms -= 1
+
+
+@functools.lru_cache(maxsize=1)
+def one_call_status() -> tuple[bool, str]:
+    """``(usable, why)``: whether a block runs as one C call here. It needs the BLAS ``sgemm_`` that
+    PyTorch's CPU library exports (oneMKL's, in x86 wheels), handed to the kernel library and
+    checked once against ``torch.mm`` on every transpose combination the block uses; elsewhere a
+    block node calls torch's GEMMs from Python (same equations, same draws)."""
+    lib = cpu_fused.KERNEL.load()
+    if lib is None:
+        return False, f"the fused CPU kernel library is unavailable ({cpu_fused.KERNEL.why})"
+    names = {"linux": "libtorch_cpu.so", "darwin": "libtorch_cpu.dylib"}
+    path = Path(torch.__file__).parent / "lib" / names.get(sys.platform, "libtorch_cpu.so")
+    try:
+        addr = ctypes.cast(ctypes.CDLL(str(path)).sgemm_, ctypes.c_void_p).value
+    except (OSError, AttributeError) as e:
+        return False, f"torch's GEMMs between the kernels (PyTorch's CPU library exports no BLAS sgemm_: {e})"
+    lib.timemae_block_set_sgemm(addr)
+    g = torch.Generator().manual_seed(0)
+    for ta, tb, beta in ((0, 1, 1.0), (1, 0, 0.0), (0, 0, 1.0)):
+        m, n, k = 37, 48, 70
+        a = torch.randn((k, m) if ta else (m, k), generator=g)
+        b = torch.randn((n, k) if tb else (k, n), generator=g)
+        c = torch.randn(m, n, generator=g)
+        want = beta * c + (a.t() if ta else a) @ (b.t() if tb else b)
+        lib.timemae_block_mm(ta, tb, m, n, k, a.data_ptr(), a.shape[1], b.data_ptr(), b.shape[1], beta,
+                             c.data_ptr(), n)
+        if not torch.allclose(c, want, rtol=1e-4, atol=1e-4):
+            return False, f"torch's GEMMs between the kernels ({path.name}'s sgemm_ disagrees with torch.mm)"
+    return True, f"one C call each way (GEMMs: sgemm_ of {path.name})"
+
+
+def one_call() -> bool:
+    """Whether block nodes run as one C call each way now (:func:`one_call_status`, not inside
+    :func:`torch_gemms`)."""
+    return not _torch_gemms and one_call_status()[0]
 
 
 def _params(block) -> list[Optional[torch.Tensor]]:
@@ -157,12 +223,86 @@ def block_forward(block, x: torch.Tensor, kv: Optional[torch.Tensor] = None) -> 
     meta = (block.attn.num_heads, block.attn.dropout, training, 1.0 - keep1, 1.0 - keep2,
             float(block.res1.norm.eps), float(block.res2.norm.eps))
     x, kv, params = x.contiguous(), None if kv is None else kv.contiguous(), _params(block)
+    node = _OneCall if one_call() else _Block
     if torch.is_grad_enabled() and (x.requires_grad or (kv is not None and kv.requires_grad)
                                     or any(p is not None and p.requires_grad for p in params)):
-        return _Block.apply(x, kv, *params, meta)
+        return node.apply(x, kv, *params, meta)
     # nothing to differentiate (the momentum target encoder, evaluation): the same forward without
     # autograd.Function.apply's per-call cost (~35 us: argument unwrapping for functorch, node setup)
-    return _Block.forward(_NO_GRAD, x, kv, *params, meta)
+    return node.forward(_NO_GRAD, x, kv, *params, meta)
+
+
+_PTRS = ctypes.c_void_p * 18
+
+
+@functools.lru_cache(maxsize=64)
+def _rates(meta: tuple) -> tuple:
+    """The C call's dropout arguments for a block's ``meta``: ``(fl, thr, seeds drawn)`` (ctypes
+    arrays, read only by C, so shared between calls)."""
+    heads, p_attn, training, p1, p2, eps1, eps2 = meta
+    sites = [cpu_fused._keep(p) if on else (0, 1.0) for p, on in ((p_attn, training and p_attn > 0.0),
+                                                                   (p1, p1 > 0.0), (p2, p2 > 0.0))]
+    fl = (ctypes.c_float * 5)(eps1, eps2, *(scale for _, scale in sites))
+    thr = (ctypes.c_int32 * 3)(*(t for t, _ in sites))
+    return fl, thr, sum(t > 0 for t, _ in sites)
+
+
+@functools.lru_cache(maxsize=256)
+def _dims(B: int, N: int, Nk: int, D: int, F: int, H: int, grad: bool, self_attn: bool) -> tuple:
+    """``(dims array, workspace floats)`` of a block call of these sizes."""
+    dims = (ctypes.c_int64 * 8)(B, N, Nk, D, F, H, int(grad), int(self_attn))
+    return dims, cpu_fused.KERNEL.lib.timemae_block_ws_size(dims)
+
+
+class _OneCall(torch.autograd.Function):
+    """:class:`_Block`'s node as one C call each way (``timemae_block_fwd`` / ``timemae_block_bwd``:
+    the GEMMs through PyTorch's own BLAS ``sgemm_``, the fused kernels in between, the partial
+    sums reduced in C). The same equations, draws (one ``random_()`` of as many seeds as the block
+    has dropout sites: the same values, in the same order, as the per-kernel draws) and
+    fixed-chunk sums; the GEMMs' blocking is the BLAS's, as torch's calls."""
+
+    @staticmethod
+    def forward(ctx, x, kv, *args):
+        params, meta = args[:18], args[18]
+        grad = any(ctx.needs_input_grad)
+        B, N, D = x.shape
+        fl, thr, n_seeds = _rates(meta)
+        dims, ws_size = _dims(B, N, N if kv is None else kv.shape[1], D, params[11].shape[0], meta[0], grad,
+                              kv is None)
+        seeds = torch.empty(n_seeds, dtype=torch.int64).random_() if n_seeds else None
+        ws = torch.empty(ws_size, dtype=torch.float32)
+        out = torch.empty(B, N, D, dtype=torch.float32)
+        ptrs = _PTRS(*[None if p is None else p.data_ptr() for p in params])
+        cpu_fused.KERNEL.lib.timemae_block_fwd(x.data_ptr(), None if kv is None else kv.data_ptr(), ptrs, dims, fl,
+                                               thr, None if seeds is None else seeds.data_ptr(), ws.data_ptr(),
+                                               out.data_ptr(), torch.get_num_threads())
+        if grad:
+            ctx.save_for_backward(x, kv, *params)
+            ctx.call = (ws, seeds, dims, fl, thr)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, kv, *params = ctx.saved_tensors
+        ws, seeds, dims, fl, thr = ctx.call
+        B, N, D = x.shape
+        F = params[11].shape[0]
+        go = grad_out.contiguous()
+        dx, dkv = torch.empty_like(x), None if kv is None else torch.empty_like(kv)
+        gw_in, gwo, gw1, gw2 = torch.empty(3 * D, D), torch.empty(D, D), torch.empty(F, D), torch.empty(D, F)
+        small = torch.empty(9 * D + F + 2)
+        ptrs = _PTRS(*[None if p is None else p.data_ptr() for p in params])
+        cpu_fused.KERNEL.lib.timemae_block_bwd(
+            go.data_ptr(), x.data_ptr(), None if kv is None else kv.data_ptr(), ptrs, dims, fl, thr,
+            None if seeds is None else seeds.data_ptr(), ws.data_ptr(), dx.data_ptr(),
+            None if dkv is None else dkv.data_ptr(), gw_in.data_ptr(), gwo.data_ptr(), gw1.data_ptr(),
+            gw2.data_ptr(), small.data_ptr(), torch.get_num_threads())
+        db_in, dbo, dg1, dbe1, da1, db1, db2, dg2, dbe2, da2 = small.split_with_sizes(
+            (3 * D, D, D, D, 1, F, D, D, D, 1))
+        dwq, dwk, dwv = gw_in.split(D)
+        dbq, dbk, dbv = db_in.split(D)
+        return (dx, dkv, dwq, dbq, dwk, dbk, dwv, dbv, gwo, dbo, dg1, dbe1, None if params[10] is None else da1,
+                gw1, db1, gw2, db2, dg2, dbe2, None if params[17] is None else da2, None)
 
 
 class _NoGradContext:

@@ -80,6 +80,7 @@ HEAD_DIMS = (16, 32, 48, 64)
 
 _SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 #include <immintrin.h>
@@ -493,6 +494,216 @@ AVX512 void timemae_gumbel_argmax(const float *logits, int64_t rows, int64_t K, 
         out[r] = at ? (int64_t)_mm512_mask_reduce_min_epi32(at, best_k) : 0;
     }
 }
+
+/* ------------------------------------------------------------------------------------------
+   A whole block (cpu_block) as one call each way: the GEMMs through the BLAS sgemm that PyTorch
+   itself calls (oneMKL in x86 wheels; its address handed over by timemae_block_set_sgemm), the
+   kernels above in between; no Python, dispatch or allocator work per op. */
+
+typedef void (*sgemm_fn)(const char *, const char *, const void *, const void *, const void *, const float *,
+                         const float *, const void *, const float *, const void *, const float *, float *,
+                         const void *);
+static sgemm_fn blas_sgemm = NULL;
+
+/* Fortran sgemm_; its integers are passed as 64-bit values below 2^31, which an LP64 BLAS (32-bit
+   integers) reads the same on a little-endian CPU as an ILP64 one does. */
+void timemae_block_set_sgemm(void *f) { blas_sgemm = (sgemm_fn)f; }
+
+/* Row-major C (M x N) = op(A) op(B) + beta C; op(A) M x K (ta: A stored K x M), op(B) K x N (tb: B
+   stored N x K); as the column-major C^T = op(B)^T op(A)^T. */
+void timemae_block_mm(int32_t ta, int32_t tb, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
+                      const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
+    const int64_t m = N, n = M, k = K, la = ldb, lb = lda, lc = ldc;
+    const float one = 1.0f;
+    blas_sgemm(tb ? "T" : "N", ta ? "T" : "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+}
+#define MM timemae_block_mm
+
+#define BLOCK_CHUNK 64  /* rows per partial sum (as cpu_fused._CHUNK): thread-count independent */
+
+static int64_t up16(int64_t n) { return (n + 15) & ~(int64_t)15; }
+static float *falloc(int64_t n) { return (float *)aligned_alloc(64, (size_t)up16(n > 0 ? n : 1) * sizeof(float)); }
+
+/* rows of C (ldc) = b (cols), ahead of a GEMM with beta 1 (as addmm) */
+AVX512 static void fill_rows(float *C, int64_t rows, int64_t cols, int64_t ldc, const float *b, int32_t nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t r = 0; r < rows; ++r) memcpy(C + r * ldc, b, sizeof(float) * (size_t)cols);
+}
+
+/* out (cols) = the column sums of a (rows x cols, lda), cols a multiple of 16: partial sums over
+   fixed chunks of rows, then added in chunk order */
+AVX512 static void colsum(const float *a, int64_t rows, int64_t cols, int64_t lda, float *out, int32_t nthreads) {
+    const int64_t nch = (rows + BLOCK_CHUNK - 1) / BLOCK_CHUNK;
+    float *part = falloc(nch * cols);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t c = 0; c < nch; ++c) {
+        float *p = part + c * cols;
+        const int64_t end = (c + 1) * BLOCK_CHUNK < rows ? (c + 1) * BLOCK_CHUNK : rows;
+        for (int64_t j = 0; j < cols; j += 16) {
+            __m512 s = _mm512_setzero_ps();
+            for (int64_t r = c * BLOCK_CHUNK; r < end; ++r) s = _mm512_add_ps(s, _mm512_loadu_ps(a + r * lda + j));
+            _mm512_storeu_ps(p + j, s);
+        }
+    }
+    for (int64_t j = 0; j < cols; ++j) out[j] = 0.0f;
+    for (int64_t c = 0; c < nch; ++c)
+        for (int64_t j = 0; j < cols; ++j) out[j] += part[c * cols + j];
+    free(part);
+}
+
+/* sum over chunks of partial rows (width w) into out (w), in chunk order */
+static void chunk_sum(const float *part, int64_t nch, int64_t w, float *out) {
+    for (int64_t j = 0; j < w; ++j) out[j] = 0.0f;
+    for (int64_t c = 0; c < nch; ++c)
+        for (int64_t j = 0; j < w; ++j) out[j] += part[c * w + j];
+}
+
+/* dims: B, N (queries), Nk (keys), D, F (feed-forward width), H, grad, self (1: kv is x) */
+typedef struct { int64_t qs, kvs, P, M, o, y1, x1, h, u, y2, z1, z2, mean1, rstd1, mean2, rstd2, total; } block_ws;
+
+static block_ws ws_layout(const int64_t *d) {
+    const int64_t B = d[0], N = d[1], Nk = d[2], D = d[3], F = d[4], H = d[5], grad = d[6], self = d[7];
+    const int64_t R = B * N, Rk = B * Nk, att = grad ? up16(B * H * N * Nk) : 0;
+    block_ws L;
+    int64_t off = 0;
+#define PUT(field, n) (L.field = off, off += up16(n))
+    PUT(qs, R * (self ? 3 * D : D)); PUT(kvs, self ? 0 : Rk * 2 * D);
+    PUT(P, att); PUT(M, att);
+    PUT(o, R * D); PUT(y1, R * D); PUT(x1, R * D); PUT(h, R * F); PUT(u, R * F); PUT(y2, R * D);
+    PUT(z1, grad ? R * D : 0); PUT(z2, grad ? R * D : 0);
+    PUT(mean1, grad ? R : 0); PUT(rstd1, grad ? R : 0); PUT(mean2, grad ? R : 0); PUT(rstd2, grad ? R : 0);
+#undef PUT
+    L.total = off;
+    return L;
+}
+
+/* floats of the forward's workspace (what the backward reads back) */
+int64_t timemae_block_ws_size(const int64_t *dims) { return ws_layout(dims).total; }
+
+/* the q|k|v (self) or q and k|v (cross) weights, or biases, back to back (w rows of n floats each) */
+static float *stack(const float *a, const float *b, const float *c, int64_t n) {
+    float *s = falloc(3 * n);
+    memcpy(s, a, sizeof(float) * (size_t)n);
+    memcpy(s + n, b, sizeof(float) * (size_t)n);
+    if (c) memcpy(s + 2 * n, c, sizeof(float) * (size_t)n);
+    return s;
+}
+
+/* w (18): wq bq wk bk wv bv wo bo g1 be1 a1 w1 b1 w2 b2 g2 be2 a2 (a1/a2 NULL: the constant 1)
+   fl: eps1, eps2, dropout scales (attention, residual 1, residual 2); thr: their keep thresholds
+   (0: no dropout); seeds: one per site with thr > 0, in that order. */
+AVX512 void timemae_block_fwd(const float *x, const float *kv, const float *const *w, const int64_t *dims,
+                              const float *fl, const int32_t *thr, const int64_t *seeds, float *ws, float *out,
+                              int32_t nthreads) {
+    const int64_t B = dims[0], N = dims[1], Nk = dims[2], D = dims[3], F = dims[4], H = dims[5];
+    const int grad = dims[6] != 0, self = dims[7] != 0;
+    const int64_t R = B * N, Rk = B * Nk, Dh = D / H;
+    const block_ws L = ws_layout(dims);
+    const int64_t *sp = seeds;
+    const int64_t *s_attn = thr[0] > 0 ? sp++ : NULL, *s1 = thr[1] > 0 ? sp++ : NULL, *s2 = thr[2] > 0 ? sp++ : NULL;
+    const float a1 = w[10] ? w[10][0] : 1.0f, a2 = w[17] ? w[17][0] : 1.0f;
+    float *qs = ws + L.qs, *kvs = ws + L.kvs, *o = ws + L.o, *y1 = ws + L.y1, *x1 = ws + L.x1;
+    float *h = ws + L.h, *u = ws + L.u, *y2 = ws + L.y2;
+    const float *q, *k, *v;
+    int64_t qbs, qrs, kbs, krs;
+    if (self) {
+        float *W = stack(w[0], w[2], w[4], D * D), *b = stack(w[1], w[3], w[5], D);
+        fill_rows(qs, R, 3 * D, 3 * D, b, nthreads);
+        MM(0, 1, R, 3 * D, D, x, D, W, D, 1.0f, qs, 3 * D);
+        free(W); free(b);
+        q = qs; k = qs + D; v = qs + 2 * D; qbs = kbs = N * 3 * D; qrs = krs = 3 * D;
+    } else {
+        float *W = stack(w[2], w[4], NULL, D * D), *b = stack(w[3], w[5], NULL, D);
+        fill_rows(qs, R, D, D, w[1], nthreads);
+        MM(0, 1, R, D, D, x, D, w[0], D, 1.0f, qs, D);
+        fill_rows(kvs, Rk, 2 * D, 2 * D, b, nthreads);
+        MM(0, 1, Rk, 2 * D, D, kv, D, W, D, 1.0f, kvs, 2 * D);
+        free(W); free(b);
+        q = qs; k = kvs; v = kvs + D; qbs = N * D; qrs = D; kbs = Nk * 2 * D; krs = 2 * D;
+    }
+    timemae_attn_fwd(q, qbs, qrs, k, kbs, krs, v, kbs, krs, B, H, N, Nk, Dh, (float)(1.0 / sqrt((double)Dh)),
+                     thr[0], fl[2], s_attn, o, grad ? ws + L.P : NULL, grad ? ws + L.M : NULL, nthreads);
+    MM(0, 1, R, D, D, o, D, w[6], D, 0.0f, y1, D);
+    timemae_resnorm_fwd(x, y1, w[7], R, D, a1, thr[1], fl[3], s1, w[8], w[9], fl[0], x1, grad ? ws + L.z1 : NULL,
+                        grad ? ws + L.mean1 : NULL, grad ? ws + L.rstd1 : NULL, nthreads);
+    MM(0, 1, R, F, D, x1, D, w[11], D, 0.0f, h, F);
+    timemae_gelu_bias(h, w[12], NULL, u, NULL, R, F, BLOCK_CHUNK, nthreads);
+    MM(0, 1, R, D, F, u, F, w[13], F, 0.0f, y2, D);
+    timemae_resnorm_fwd(x1, y2, w[14], R, D, a2, thr[2], fl[4], s2, w[15], w[16], fl[1], out,
+                        grad ? ws + L.z2 : NULL, grad ? ws + L.mean2 : NULL, grad ? ws + L.rstd2 : NULL, nthreads);
+}
+
+/* Gradients of timemae_block_fwd (same x, kv, w, dims, fl, thr, seeds; ws as it left it) for the
+   upstream gradient go (R x D): dx (R x D), dkv (Rk x D, cross only), gw_in (3D x D: dwq, dwk,
+   dwv), gwo (D x D), gw1 (F x D), gw2 (D x F), gsmall: dbq dbk dbv (3D), dbo, dg1, dbe1 (D each),
+   da1 (1), db1 (F), db2, dg2, dbe2 (D each), da2 (1). */
+AVX512 void timemae_block_bwd(const float *go, const float *x, const float *kv, const float *const *w,
+                              const int64_t *dims, const float *fl, const int32_t *thr, const int64_t *seeds,
+                              const float *ws, float *dx, float *dkv, float *gw_in, float *gwo, float *gw1,
+                              float *gw2, float *gsmall, int32_t nthreads) {
+    const int64_t B = dims[0], N = dims[1], Nk = dims[2], D = dims[3], F = dims[4], H = dims[5];
+    const int self = dims[7] != 0;
+    const int64_t R = B * N, Rk = B * Nk, Dh = D / H;
+    const block_ws L = ws_layout(dims);
+    const int64_t *sp = seeds;
+    const int64_t *s1 = NULL, *s2 = NULL;
+    if (thr[0] > 0) sp++;
+    if (thr[1] > 0) s1 = sp++;
+    if (thr[2] > 0) s2 = sp++;
+    const float a1 = w[10] ? w[10][0] : 1.0f, a2 = w[17] ? w[17][0] : 1.0f;
+    const float *qs = ws + L.qs, *kvs = ws + L.kvs, *P = ws + L.P, *M = ws + L.M, *o = ws + L.o;
+    const float *y1 = ws + L.y1, *x1 = ws + L.x1, *h = ws + L.h, *u = ws + L.u, *y2 = ws + L.y2;
+    float *dbin = gsmall, *dbo = dbin + 3 * D, *dg1 = dbo + D, *dbe1 = dg1 + D, *da1 = dbe1 + D, *db1 = da1 + 1;
+    float *db2 = db1 + F, *dg2 = db2 + D, *dbe2 = dg2 + D, *da2 = dbe2 + D;
+    const int64_t nch = (R + BLOCK_CHUNK - 1) / BLOCK_CHUNK;
+    const int64_t wq = self ? 3 * D : D;
+    float *dy = falloc(R * D), *dx1 = falloc(R * D), *dh = falloc(R * F), *dO = falloc(R * D);
+    float *gq = falloc(R * wq), *gkv = self ? NULL : falloc(Rk * 2 * D);
+    float *part = falloc(nch * (3 * D + 1 > F ? 3 * D + 1 : F)), sums[3 * 1024 + 1];
+    /* second residual and the feed-forward */
+    timemae_resnorm_bwd(go, ws + L.z2, y2, w[14], ws + L.mean2, ws + L.rstd2, w[15], R, D, a2, thr[2], fl[4], s2,
+                        dx1, dy, part, BLOCK_CHUNK, nthreads);
+    chunk_sum(part, nch, 3 * D + 1, sums);
+    memcpy(dg2, sums, sizeof(float) * (size_t)D); memcpy(dbe2, sums + D, sizeof(float) * (size_t)D);
+    memcpy(db2, sums + 2 * D, sizeof(float) * (size_t)D); *da2 = sums[3 * D];
+    MM(1, 0, D, F, R, dy, D, u, F, 0.0f, gw2, F);
+    MM(0, 0, R, F, D, dy, D, w[13], F, 0.0f, dh, F);
+    timemae_gelu_bias(h, w[12], dh, dh, part, R, F, BLOCK_CHUNK, nthreads);
+    chunk_sum(part, nch, F, db1);
+    MM(1, 0, F, D, R, dh, F, x1, D, 0.0f, gw1, D);
+    MM(0, 0, R, D, F, dh, F, w[11], D, 1.0f, dx1, D);
+    /* first residual, the output projection and the attention core */
+    timemae_resnorm_bwd(dx1, ws + L.z1, y1, w[7], ws + L.mean1, ws + L.rstd1, w[8], R, D, a1, thr[1], fl[3], s1,
+                        dx, dy, part, BLOCK_CHUNK, nthreads);
+    chunk_sum(part, nch, 3 * D + 1, sums);
+    memcpy(dg1, sums, sizeof(float) * (size_t)D); memcpy(dbe1, sums + D, sizeof(float) * (size_t)D);
+    memcpy(dbo, sums + 2 * D, sizeof(float) * (size_t)D); *da1 = sums[3 * D];
+    MM(1, 0, D, D, R, dy, D, o, D, 0.0f, gwo, D);
+    MM(0, 0, R, D, D, dy, D, w[6], D, 0.0f, dO, D);
+    const float scale = (float)(1.0 / sqrt((double)Dh));
+    if (self) {
+        timemae_attn_bwd(dO, qs, N * 3 * D, 3 * D, qs + D, N * 3 * D, 3 * D, qs + 2 * D, N * 3 * D, 3 * D, P, M,
+                         B, H, N, Nk, Dh, scale, gq, N * 3 * D, 3 * D, gq + D, N * 3 * D, 3 * D, gq + 2 * D,
+                         N * 3 * D, 3 * D, nthreads);
+        float *W = stack(w[0], w[2], w[4], D * D);
+        MM(1, 0, 3 * D, D, R, gq, 3 * D, x, D, 0.0f, gw_in, D);
+        colsum(gq, R, 3 * D, 3 * D, dbin, nthreads);
+        MM(0, 0, R, D, 3 * D, gq, 3 * D, W, D, 1.0f, dx, D);
+        free(W);
+    } else {
+        timemae_attn_bwd(dO, qs, N * D, D, kvs, Nk * 2 * D, 2 * D, kvs + D, Nk * 2 * D, 2 * D, P, M, B, H, N, Nk,
+                         Dh, scale, gq, N * D, D, gkv, Nk * 2 * D, 2 * D, gkv + D, Nk * 2 * D, 2 * D, nthreads);
+        float *W = stack(w[2], w[4], NULL, D * D);
+        MM(1, 0, D, D, R, gq, D, x, D, 0.0f, gw_in, D);
+        colsum(gq, R, D, D, dbin, nthreads);
+        MM(0, 0, R, D, D, gq, D, w[0], D, 1.0f, dx, D);
+        MM(1, 0, 2 * D, D, Rk, gkv, 2 * D, kv, D, 0.0f, gw_in + D * D, D);
+        colsum(gkv, Rk, 2 * D, 2 * D, dbin + D, nthreads);
+        MM(0, 0, Rk, D, 2 * D, gkv, 2 * D, W, D, 0.0f, dkv, D);
+        free(W);
+    }
+    free(dy); free(dx1); free(dh); free(dO); free(gq); free(gkv); free(part);
+}
 """
 
 _P = ctypes.c_void_p
@@ -524,6 +735,16 @@ def _setup(lib) -> None:
     lib.timemae_gelu_bias.restype = None
     lib.timemae_gumbel_argmax.argtypes = [_P, _I, _I, _P, _P, _P, ctypes.c_int32]
     lib.timemae_gumbel_argmax.restype = None
+    lib.timemae_block_set_sgemm.argtypes = [_P]
+    lib.timemae_block_set_sgemm.restype = None
+    lib.timemae_block_mm.argtypes = [ctypes.c_int32, ctypes.c_int32, _I, _I, _I, _P, _I, _P, _I, ctypes.c_float, _P, _I]
+    lib.timemae_block_mm.restype = None
+    lib.timemae_block_ws_size.argtypes = [_P]
+    lib.timemae_block_ws_size.restype = _I
+    lib.timemae_block_fwd.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int32]
+    lib.timemae_block_fwd.restype = None
+    lib.timemae_block_bwd.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int32]
+    lib.timemae_block_bwd.restype = None
 
 
 # -fopenmp first (one thread pool: torch's libgomp, see the module docstring); without OpenMP the
@@ -553,7 +774,12 @@ def describe(model_config=None) -> str:
     model config (:class:`timemae_dist.model.config.TimeMAEConfig`), which of them that model's
     pretraining blocks fit (head width, visible windows as keys, masked ones as queries, width)."""
     line = KERNEL.describe("fused CPU kernels (attention core, residual LayerNorm, GELU, codeword draw)", "eager torch ops")
-    if model_config is None or KERNEL.mode() == "off" or KERNEL.lib is None:
+    if KERNEL.mode() == "off" or KERNEL.lib is None:
+        return line
+    from timemae_dist.kernels import cpu_block  # imports this module
+
+    line = f"{line}; blocks: {cpu_block.one_call_status()[1]}"
+    if model_config is None:
         return line
     head = model_config.d_model // model_config.num_heads
     keys, queries = model_config.num_visible, model_config.num_masked
