@@ -298,3 +298,20 @@ def test_one_call_gradients_accumulate_over_backward_passes():
         blk(x, kv).backward(g)
     for (name, p), want in zip(blk.named_parameters(), once):
         torch.testing.assert_close(p.grad, 2 * want, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_one_call_reports_scratch_it_cannot_allocate():
+    """A call whose scratch cannot be allocated returns 1 before it reads or writes a tensor (the node
+    then raises MemoryError) instead of crashing or leaving half-written outputs."""
+    import ctypes
+
+    if not cpu_block.one_call_status()[0]:
+        pytest.skip(cpu_block.one_call_status()[1])
+    lib = cpu_fused.KERNEL.lib
+    fl, thr, _ = cpu_block._rates((4, 0.0, False, 0.0, 0.0, 1e-5, 1e-5))
+    no_ptrs = cpu_block._PTRS()  # every pointer NULL: nothing may be touched
+    huge_d = (ctypes.c_int64 * 8)(1, 1, 1, 1 << 30, 16, 4, 1, 1)  # 3 * D * D floats of stacked q|k|v weights
+    assert lib.timemae_block_fwd(None, None, no_ptrs, huge_d, fl, thr, None, None, None, 1) == 1
+    huge_b = (ctypes.c_int64 * 8)(1 << 50, 9, 9, 64, 256, 4, 1, 1)  # (B * N) x D gradients
+    assert lib.timemae_block_bwd(None, None, None, no_ptrs, huge_b, fl, thr, None, None, None, None, None, None, None,
+                                 None, None, 1) == 1

@@ -273,9 +273,10 @@ class _OneCall(torch.autograd.Function):
         ws = torch.empty(ws_size, dtype=torch.float32)
         out = torch.empty(B, N, D, dtype=torch.float32)
         ptrs = _PTRS(*[None if p is None else p.data_ptr() for p in params])
-        cpu_fused.KERNEL.lib.timemae_block_fwd(x.data_ptr(), None if kv is None else kv.data_ptr(), ptrs, dims, fl,
-                                               thr, None if seeds is None else seeds.data_ptr(), ws.data_ptr(),
-                                               out.data_ptr(), torch.get_num_threads())
+        if cpu_fused.KERNEL.lib.timemae_block_fwd(x.data_ptr(), None if kv is None else kv.data_ptr(), ptrs, dims,
+                                                  fl, thr, None if seeds is None else seeds.data_ptr(), ws.data_ptr(),
+                                                  out.data_ptr(), torch.get_num_threads()):
+            raise MemoryError(f"block forward (B={B}, N={N}, D={D}): out of memory for the C call's scratch")
         if grad:
             ctx.save_for_backward(x, kv, *params)
             ctx.call = (ws, seeds, dims, fl, thr)
@@ -292,11 +293,12 @@ class _OneCall(torch.autograd.Function):
         gw_in, gwo, gw1, gw2 = torch.empty(3 * D, D), torch.empty(D, D), torch.empty(F, D), torch.empty(D, F)
         small = torch.empty(9 * D + F + 2)
         ptrs = _PTRS(*[None if p is None else p.data_ptr() for p in params])
-        cpu_fused.KERNEL.lib.timemae_block_bwd(
-            go.data_ptr(), x.data_ptr(), None if kv is None else kv.data_ptr(), ptrs, dims, fl, thr,
-            None if seeds is None else seeds.data_ptr(), ws.data_ptr(), dx.data_ptr(),
-            None if dkv is None else dkv.data_ptr(), gw_in.data_ptr(), gwo.data_ptr(), gw1.data_ptr(),
-            gw2.data_ptr(), small.data_ptr(), torch.get_num_threads())
+        if cpu_fused.KERNEL.lib.timemae_block_bwd(
+                go.data_ptr(), x.data_ptr(), None if kv is None else kv.data_ptr(), ptrs, dims, fl, thr,
+                None if seeds is None else seeds.data_ptr(), ws.data_ptr(), dx.data_ptr(),
+                None if dkv is None else dkv.data_ptr(), gw_in.data_ptr(), gwo.data_ptr(), gw1.data_ptr(),
+                gw2.data_ptr(), small.data_ptr(), torch.get_num_threads()):
+            raise MemoryError(f"block backward (B={B}, N={N}, D={D}): out of memory for the C call's scratch")
         db_in, dbo, dg1, dbe1, da1, db1, db2, dg2, dbe2, da2 = small.split_with_sizes(
             (3 * D, D, D, D, 1, F, D, D, D, 1))
         dwq, dwk, dwv = gw_in.split(D)

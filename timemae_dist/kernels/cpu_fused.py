@@ -531,10 +531,10 @@ AVX512 static void fill_rows(float *C, int64_t rows, int64_t cols, int64_t ldc, 
 }
 
 /* out (cols) = the column sums of a (rows x cols, lda), cols a multiple of 16: partial sums over
-   fixed chunks of rows, then added in chunk order */
-AVX512 static void colsum(const float *a, int64_t rows, int64_t cols, int64_t lda, float *out, int32_t nthreads) {
+   fixed chunks of rows (into part, ceil(rows / BLOCK_CHUNK) x cols), then added in chunk order */
+AVX512 static void colsum(const float *a, int64_t rows, int64_t cols, int64_t lda, float *out, float *part,
+                          int32_t nthreads) {
     const int64_t nch = (rows + BLOCK_CHUNK - 1) / BLOCK_CHUNK;
-    float *part = falloc(nch * cols);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t c = 0; c < nch; ++c) {
         float *p = part + c * cols;
@@ -548,7 +548,6 @@ AVX512 static void colsum(const float *a, int64_t rows, int64_t cols, int64_t ld
     for (int64_t j = 0; j < cols; ++j) out[j] = 0.0f;
     for (int64_t c = 0; c < nch; ++c)
         for (int64_t j = 0; j < cols; ++j) out[j] += part[c * cols + j];
-    free(part);
 }
 
 /* sum over chunks of partial rows (width w) into out (w), in chunk order */
@@ -580,19 +579,18 @@ static block_ws ws_layout(const int64_t *d) {
 /* floats of the forward's workspace (what the backward reads back) */
 int64_t timemae_block_ws_size(const int64_t *dims) { return ws_layout(dims).total; }
 
-/* the q|k|v (self) or q and k|v (cross) weights, or biases, back to back (w rows of n floats each) */
-static float *stack(const float *a, const float *b, const float *c, int64_t n) {
-    float *s = falloc(3 * n);
+/* s = a | b (| c): the q|k|v (self) or k|v (cross) weights, or biases, back to back (n floats each) */
+static void stack(float *s, const float *a, const float *b, const float *c, int64_t n) {
     memcpy(s, a, sizeof(float) * (size_t)n);
     memcpy(s + n, b, sizeof(float) * (size_t)n);
     if (c) memcpy(s + 2 * n, c, sizeof(float) * (size_t)n);
-    return s;
 }
 
 /* w (18): wq bq wk bk wv bv wo bo g1 be1 a1 w1 b1 w2 b2 g2 be2 a2 (a1/a2 NULL: the constant 1)
    fl: eps1, eps2, dropout scales (attention, residual 1, residual 2); thr: their keep thresholds
-   (0: no dropout); seeds: one per site with thr > 0, in that order. */
-AVX512 void timemae_block_fwd(const float *x, const float *kv, const float *const *w, const int64_t *dims,
+   (0: no dropout); seeds: one per site with thr > 0, in that order. Returns 0, or 1 when out of
+   memory for its scratch (nothing written then). */
+AVX512 int32_t timemae_block_fwd(const float *x, const float *kv, const float *const *w, const int64_t *dims,
                               const float *fl, const int32_t *thr, const int64_t *seeds, float *ws, float *out,
                               int32_t nthreads) {
     const int64_t B = dims[0], N = dims[1], Nk = dims[2], D = dims[3], F = dims[4], H = dims[5];
@@ -606,21 +604,24 @@ AVX512 void timemae_block_fwd(const float *x, const float *kv, const float *cons
     float *h = ws + L.h, *u = ws + L.u, *y2 = ws + L.y2;
     const float *q, *k, *v;
     int64_t qbs, qrs, kbs, krs;
+    float *W = falloc(3 * D * D), *b = falloc(3 * D);
+    if (!W || !b) { free(W); free(b); return 1; }
     if (self) {
-        float *W = stack(w[0], w[2], w[4], D * D), *b = stack(w[1], w[3], w[5], D);
+        stack(W, w[0], w[2], w[4], D * D);
+        stack(b, w[1], w[3], w[5], D);
         fill_rows(qs, R, 3 * D, 3 * D, b, nthreads);
         MM(0, 1, R, 3 * D, D, x, D, W, D, 1.0f, qs, 3 * D);
-        free(W); free(b);
         q = qs; k = qs + D; v = qs + 2 * D; qbs = kbs = N * 3 * D; qrs = krs = 3 * D;
     } else {
-        float *W = stack(w[2], w[4], NULL, D * D), *b = stack(w[3], w[5], NULL, D);
+        stack(W, w[2], w[4], NULL, D * D);
+        stack(b, w[3], w[5], NULL, D);
         fill_rows(qs, R, D, D, w[1], nthreads);
         MM(0, 1, R, D, D, x, D, w[0], D, 1.0f, qs, D);
         fill_rows(kvs, Rk, 2 * D, 2 * D, b, nthreads);
         MM(0, 1, Rk, 2 * D, D, kv, D, W, D, 1.0f, kvs, 2 * D);
-        free(W); free(b);
         q = qs; k = kvs; v = kvs + D; qbs = N * D; qrs = D; kbs = Nk * 2 * D; krs = 2 * D;
     }
+    free(W); free(b);
     timemae_attn_fwd(q, qbs, qrs, k, kbs, krs, v, kbs, krs, B, H, N, Nk, Dh, (float)(1.0 / sqrt((double)Dh)),
                      thr[0], fl[2], s_attn, o, grad ? ws + L.P : NULL, grad ? ws + L.M : NULL, nthreads);
     MM(0, 1, R, D, D, o, D, w[6], D, 0.0f, y1, D);
@@ -631,13 +632,15 @@ AVX512 void timemae_block_fwd(const float *x, const float *kv, const float *cons
     MM(0, 1, R, D, F, u, F, w[13], F, 0.0f, y2, D);
     timemae_resnorm_fwd(x1, y2, w[14], R, D, a2, thr[2], fl[4], s2, w[15], w[16], fl[1], out,
                         grad ? ws + L.z2 : NULL, grad ? ws + L.mean2 : NULL, grad ? ws + L.rstd2 : NULL, nthreads);
+    return 0;
 }
 
 /* Gradients of timemae_block_fwd (same x, kv, w, dims, fl, thr, seeds; ws as it left it) for the
    upstream gradient go (R x D): dx (R x D), dkv (Rk x D, cross only), gw_in (3D x D: dwq, dwk,
    dwv), gwo (D x D), gw1 (F x D), gw2 (D x F), gsmall: dbq dbk dbv (3D), dbo, dg1, dbe1 (D each),
-   da1 (1), db1 (F), db2, dg2, dbe2 (D each), da2 (1). */
-AVX512 void timemae_block_bwd(const float *go, const float *x, const float *kv, const float *const *w,
+   da1 (1), db1 (F), db2, dg2, dbe2 (D each), da2 (1). Returns 0, or 1 when out of memory for its
+   scratch (nothing written then). */
+AVX512 int32_t timemae_block_bwd(const float *go, const float *x, const float *kv, const float *const *w,
                               const int64_t *dims, const float *fl, const int32_t *thr, const int64_t *seeds,
                               const float *ws, float *dx, float *dkv, float *gw_in, float *gwo, float *gw1,
                               float *gw2, float *gsmall, int32_t nthreads) {
@@ -655,11 +658,17 @@ AVX512 void timemae_block_bwd(const float *go, const float *x, const float *kv, 
     const float *y1 = ws + L.y1, *x1 = ws + L.x1, *h = ws + L.h, *u = ws + L.u, *y2 = ws + L.y2;
     float *dbin = gsmall, *dbo = dbin + 3 * D, *dg1 = dbo + D, *dbe1 = dg1 + D, *da1 = dbe1 + D, *db1 = da1 + 1;
     float *db2 = db1 + F, *dg2 = db2 + D, *dbe2 = dg2 + D, *da2 = dbe2 + D;
-    const int64_t nch = (R + BLOCK_CHUNK - 1) / BLOCK_CHUNK;
+    const int64_t nch = (R + BLOCK_CHUNK - 1) / BLOCK_CHUNK, nchk = (Rk + BLOCK_CHUNK - 1) / BLOCK_CHUNK;
     const int64_t wq = self ? 3 * D : D;
+    int64_t np = nch * (3 * D + 1 > F ? 3 * D + 1 : F);  /* the LayerNorm, GELU and bias partial sums */
+    if (nchk * 2 * D > np) np = nchk * 2 * D;
     float *dy = falloc(R * D), *dx1 = falloc(R * D), *dh = falloc(R * F), *dO = falloc(R * D);
-    float *gq = falloc(R * wq), *gkv = self ? NULL : falloc(Rk * 2 * D);
-    float *part = falloc(nch * (3 * D + 1 > F ? 3 * D + 1 : F)), sums[3 * 1024 + 1];
+    float *gq = falloc(R * wq), *gkv = self ? NULL : falloc(Rk * 2 * D), *W = falloc(3 * D * D);
+    float *part = falloc(np), sums[3 * 1024 + 1];
+    if (!dy || !dx1 || !dh || !dO || !gq || (!self && !gkv) || !W || !part) {
+        free(dy); free(dx1); free(dh); free(dO); free(gq); free(gkv); free(W); free(part);
+        return 1;
+    }
     /* second residual and the feed-forward */
     timemae_resnorm_bwd(go, ws + L.z2, y2, w[14], ws + L.mean2, ws + L.rstd2, w[15], R, D, a2, thr[2], fl[4], s2,
                         dx1, dy, part, BLOCK_CHUNK, nthreads);
@@ -685,24 +694,23 @@ AVX512 void timemae_block_bwd(const float *go, const float *x, const float *kv, 
         timemae_attn_bwd(dO, qs, N * 3 * D, 3 * D, qs + D, N * 3 * D, 3 * D, qs + 2 * D, N * 3 * D, 3 * D, P, M,
                          B, H, N, Nk, Dh, scale, gq, N * 3 * D, 3 * D, gq + D, N * 3 * D, 3 * D, gq + 2 * D,
                          N * 3 * D, 3 * D, nthreads);
-        float *W = stack(w[0], w[2], w[4], D * D);
+        stack(W, w[0], w[2], w[4], D * D);
         MM(1, 0, 3 * D, D, R, gq, 3 * D, x, D, 0.0f, gw_in, D);
-        colsum(gq, R, 3 * D, 3 * D, dbin, nthreads);
+        colsum(gq, R, 3 * D, 3 * D, dbin, part, nthreads);
         MM(0, 0, R, D, 3 * D, gq, 3 * D, W, D, 1.0f, dx, D);
-        free(W);
     } else {
         timemae_attn_bwd(dO, qs, N * D, D, kvs, Nk * 2 * D, 2 * D, kvs + D, Nk * 2 * D, 2 * D, P, M, B, H, N, Nk,
                          Dh, scale, gq, N * D, D, gkv, Nk * 2 * D, 2 * D, gkv + D, Nk * 2 * D, 2 * D, nthreads);
-        float *W = stack(w[2], w[4], NULL, D * D);
+        stack(W, w[2], w[4], NULL, D * D);
         MM(1, 0, D, D, R, gq, D, x, D, 0.0f, gw_in, D);
-        colsum(gq, R, D, D, dbin, nthreads);
+        colsum(gq, R, D, D, dbin, part, nthreads);
         MM(0, 0, R, D, D, gq, D, w[0], D, 1.0f, dx, D);
         MM(1, 0, 2 * D, D, Rk, gkv, 2 * D, kv, D, 0.0f, gw_in + D * D, D);
-        colsum(gkv, Rk, 2 * D, 2 * D, dbin + D, nthreads);
+        colsum(gkv, Rk, 2 * D, 2 * D, dbin + D, part, nthreads);
         MM(0, 0, Rk, D, 2 * D, gkv, 2 * D, W, D, 0.0f, dkv, D);
-        free(W);
     }
-    free(dy); free(dx1); free(dh); free(dO); free(gq); free(gkv); free(part);
+    free(dy); free(dx1); free(dh); free(dO); free(gq); free(gkv); free(W); free(part);
+    return 0;
 }
 """
 
@@ -742,9 +750,9 @@ def _setup(lib) -> None:
     lib.timemae_block_ws_size.argtypes = [_P]
     lib.timemae_block_ws_size.restype = _I
     lib.timemae_block_fwd.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int32]
-    lib.timemae_block_fwd.restype = None
+    lib.timemae_block_fwd.restype = ctypes.c_int32
     lib.timemae_block_bwd.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int32]
-    lib.timemae_block_bwd.restype = None
+    lib.timemae_block_bwd.restype = ctypes.c_int32
 
 
 # -fopenmp first (one thread pool: torch's libgomp, see the module docstring); without OpenMP the
