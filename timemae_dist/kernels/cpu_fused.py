@@ -557,6 +557,21 @@ static void chunk_sum(const float *part, int64_t nch, int64_t w, float *out) {
         for (int64_t j = 0; j < w; ++j) out[j] += part[c * w + j];
 }
 
+/* timemae_resnorm_bwd over R rows, its partial sums (part) then reduced into dg, dbe, dyb (D each), da (1) */
+AVX512 static void resnorm_bwd_sums(const float *go, const float *z, const float *y, const float *yb,
+                                    const float *mean, const float *rstd, const float *gamma, int64_t R, int64_t D,
+                                    float a, int32_t thr, float dscale, const int64_t *seed, float *dx, float *dy,
+                                    float *part, float *dg, float *dbe, float *dyb, float *da, int32_t nthreads) {
+    float sums[3 * MAX_D + 1];
+    timemae_resnorm_bwd(go, z, y, yb, mean, rstd, gamma, R, D, a, thr, dscale, seed, dx, dy, part, BLOCK_CHUNK,
+                        nthreads);
+    chunk_sum(part, (R + BLOCK_CHUNK - 1) / BLOCK_CHUNK, 3 * D + 1, sums);
+    memcpy(dg, sums, sizeof(float) * (size_t)D);
+    memcpy(dbe, sums + D, sizeof(float) * (size_t)D);
+    memcpy(dyb, sums + 2 * D, sizeof(float) * (size_t)D);
+    *da = sums[3 * D];
+}
+
 /* dims: B, N (queries), Nk (keys), D, F (feed-forward width), H, grad, self (1: kv is x) */
 typedef struct { int64_t qs, kvs, P, M, o, y1, x1, h, u, y2, z1, z2, mean1, rstd1, mean2, rstd2, total; } block_ws;
 
@@ -664,17 +679,14 @@ AVX512 int32_t timemae_block_bwd(const float *go, const float *x, const float *k
     if (nchk * 2 * D > np) np = nchk * 2 * D;
     float *dy = falloc(R * D), *dx1 = falloc(R * D), *dh = falloc(R * F), *dO = falloc(R * D);
     float *gq = falloc(R * wq), *gkv = self ? NULL : falloc(Rk * 2 * D), *W = falloc(3 * D * D);
-    float *part = falloc(np), sums[3 * 1024 + 1];
+    float *part = falloc(np);
     if (!dy || !dx1 || !dh || !dO || !gq || (!self && !gkv) || !W || !part) {
         free(dy); free(dx1); free(dh); free(dO); free(gq); free(gkv); free(W); free(part);
         return 1;
     }
     /* second residual and the feed-forward */
-    timemae_resnorm_bwd(go, ws + L.z2, y2, w[14], ws + L.mean2, ws + L.rstd2, w[15], R, D, a2, thr[2], fl[4], s2,
-                        dx1, dy, part, BLOCK_CHUNK, nthreads);
-    chunk_sum(part, nch, 3 * D + 1, sums);
-    memcpy(dg2, sums, sizeof(float) * (size_t)D); memcpy(dbe2, sums + D, sizeof(float) * (size_t)D);
-    memcpy(db2, sums + 2 * D, sizeof(float) * (size_t)D); *da2 = sums[3 * D];
+    resnorm_bwd_sums(go, ws + L.z2, y2, w[14], ws + L.mean2, ws + L.rstd2, w[15], R, D, a2, thr[2], fl[4], s2, dx1,
+                     dy, part, dg2, dbe2, db2, da2, nthreads);
     MM(1, 0, D, F, R, dy, D, u, F, 0.0f, gw2, F);
     MM(0, 0, R, F, D, dy, D, w[13], F, 0.0f, dh, F);
     timemae_gelu_bias(h, w[12], dh, dh, part, R, F, BLOCK_CHUNK, nthreads);
@@ -682,11 +694,8 @@ AVX512 int32_t timemae_block_bwd(const float *go, const float *x, const float *k
     MM(1, 0, F, D, R, dh, F, x1, D, 0.0f, gw1, D);
     MM(0, 0, R, D, F, dh, F, w[11], D, 1.0f, dx1, D);
     /* first residual, the output projection and the attention core */
-    timemae_resnorm_bwd(dx1, ws + L.z1, y1, w[7], ws + L.mean1, ws + L.rstd1, w[8], R, D, a1, thr[1], fl[3], s1,
-                        dx, dy, part, BLOCK_CHUNK, nthreads);
-    chunk_sum(part, nch, 3 * D + 1, sums);
-    memcpy(dg1, sums, sizeof(float) * (size_t)D); memcpy(dbe1, sums + D, sizeof(float) * (size_t)D);
-    memcpy(dbo, sums + 2 * D, sizeof(float) * (size_t)D); *da1 = sums[3 * D];
+    resnorm_bwd_sums(dx1, ws + L.z1, y1, w[7], ws + L.mean1, ws + L.rstd1, w[8], R, D, a1, thr[1], fl[3], s1, dx, dy,
+                     part, dg1, dbe1, dbo, da1, nthreads);
     MM(1, 0, D, D, R, dy, D, o, D, 0.0f, gwo, D);
     MM(0, 0, R, D, D, dy, D, w[6], D, 0.0f, dO, D);
     const float scale = (float)(1.0 / sqrt((double)Dh));
