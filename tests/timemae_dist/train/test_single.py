@@ -165,6 +165,12 @@ def test_cpu_fused_option_switches_the_fused_kernels_for_the_run(tiny_store, tmp
         label = "fused CPU kernels (attention core, residual LayerNorm, GELU, codeword draw)"
         want = f"{label}: C kernel" if mode == "on" else f"{label}: eager torch ops"
         assert want in out, out
+        if mode == "on":  # and how the blocks run: one C call each way where torch's sgemm_ is there, or why not
+            from timemae_dist.kernels import cpu_block
+
+            assert f"; blocks: {cpu_block.one_call_status()[1]}" in out, out
+        else:
+            assert "blocks:" not in out
         assert "TIMEMAE_CPU_FUSED" not in os.environ  # restored after the run
     monkeypatch.setenv("TIMEMAE_CPU_FUSED", "off")
     over = tiny_overrides(tiny_store, tmp_path, "attn_env", "trainer.max_steps=1", "run.checkpoint_every=0",
