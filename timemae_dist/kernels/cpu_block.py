@@ -235,6 +235,11 @@ def block_forward(block, x: torch.Tensor, kv: Optional[torch.Tensor] = None) -> 
 _PTRS = ctypes.c_void_p * 18
 
 
+def _ptrs(params) -> ctypes.Array:
+    """The C call's parameter pointer array (NULL for an ``a`` that is the constant 1)."""
+    return _PTRS(*[None if p is None else p.data_ptr() for p in params])
+
+
 @functools.lru_cache(maxsize=64)
 def _rates(meta: tuple) -> tuple:
     """The C call's dropout arguments for a block's ``meta``: ``(fl, thr, seeds drawn)`` (ctypes
@@ -272,7 +277,7 @@ class _OneCall(torch.autograd.Function):
         seeds = torch.empty(n_seeds, dtype=torch.int64).random_() if n_seeds else None
         ws = torch.empty(ws_size, dtype=torch.float32)
         out = torch.empty(B, N, D, dtype=torch.float32)
-        ptrs = _PTRS(*[None if p is None else p.data_ptr() for p in params])
+        ptrs = _ptrs(params)
         if cpu_fused.KERNEL.lib.timemae_block_fwd(x.data_ptr(), None if kv is None else kv.data_ptr(), ptrs, dims,
                                                   fl, thr, None if seeds is None else seeds.data_ptr(), ws.data_ptr(),
                                                   out.data_ptr(), torch.get_num_threads()):
@@ -292,7 +297,7 @@ class _OneCall(torch.autograd.Function):
         dx, dkv = torch.empty_like(x), None if kv is None else torch.empty_like(kv)
         gw_in, gwo, gw1, gw2 = torch.empty(3 * D, D), torch.empty(D, D), torch.empty(F, D), torch.empty(D, F)
         small = torch.empty(9 * D + F + 2)
-        ptrs = _PTRS(*[None if p is None else p.data_ptr() for p in params])
+        ptrs = _ptrs(params)
         if cpu_fused.KERNEL.lib.timemae_block_bwd(
                 go.data_ptr(), x.data_ptr(), None if kv is None else kv.data_ptr(), ptrs, dims, fl, thr,
                 None if seeds is None else seeds.data_ptr(), ws.data_ptr(), dx.data_ptr(),

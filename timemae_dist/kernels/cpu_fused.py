@@ -530,6 +530,13 @@ AVX512 static void fill_rows(float *C, int64_t rows, int64_t cols, int64_t ldc, 
     for (int64_t r = 0; r < rows; ++r) memcpy(C + r * ldc, b, sizeof(float) * (size_t)cols);
 }
 
+/* sum over chunks of partial rows (width w) into out (w), in chunk order */
+static void chunk_sum(const float *part, int64_t nch, int64_t w, float *out) {
+    for (int64_t j = 0; j < w; ++j) out[j] = 0.0f;
+    for (int64_t c = 0; c < nch; ++c)
+        for (int64_t j = 0; j < w; ++j) out[j] += part[c * w + j];
+}
+
 /* out (cols) = the column sums of a (rows x cols, lda), cols a multiple of 16: partial sums over
    fixed chunks of rows (into part, ceil(rows / BLOCK_CHUNK) x cols), then added in chunk order */
 AVX512 static void colsum(const float *a, int64_t rows, int64_t cols, int64_t lda, float *out, float *part,
@@ -545,16 +552,7 @@ AVX512 static void colsum(const float *a, int64_t rows, int64_t cols, int64_t ld
             _mm512_storeu_ps(p + j, s);
         }
     }
-    for (int64_t j = 0; j < cols; ++j) out[j] = 0.0f;
-    for (int64_t c = 0; c < nch; ++c)
-        for (int64_t j = 0; j < cols; ++j) out[j] += part[c * cols + j];
-}
-
-/* sum over chunks of partial rows (width w) into out (w), in chunk order */
-static void chunk_sum(const float *part, int64_t nch, int64_t w, float *out) {
-    for (int64_t j = 0; j < w; ++j) out[j] = 0.0f;
-    for (int64_t c = 0; c < nch; ++c)
-        for (int64_t j = 0; j < w; ++j) out[j] += part[c * w + j];
+    chunk_sum(part, nch, cols, out);
 }
 
 /* timemae_resnorm_bwd over R rows, its partial sums (part) then reduced into dg, dbe, dyb (D each), da (1) */
@@ -594,6 +592,12 @@ static block_ws ws_layout(const int64_t *d) {
 /* floats of the forward's workspace (what the backward reads back) */
 int64_t timemae_block_ws_size(const int64_t *dims) { return ws_layout(dims).total; }
 
+/* s[i] = the seed of dropout site i (attention, residual 1, residual 2): the next of seeds for each
+   site with thr > 0, in that order; NULL for a site without dropout */
+static void site_seeds(const int32_t *thr, const int64_t *seeds, const int64_t *s[3]) {
+    for (int i = 0; i < 3; ++i) s[i] = thr[i] > 0 ? seeds++ : NULL;
+}
+
 /* s = a | b (| c): the q|k|v (self) or k|v (cross) weights, or biases, back to back (n floats each) */
 static void stack(float *s, const float *a, const float *b, const float *c, int64_t n) {
     memcpy(s, a, sizeof(float) * (size_t)n);
@@ -612,8 +616,8 @@ AVX512 int32_t timemae_block_fwd(const float *x, const float *kv, const float *c
     const int grad = dims[6] != 0, self = dims[7] != 0;
     const int64_t R = B * N, Rk = B * Nk, Dh = D / H;
     const block_ws L = ws_layout(dims);
-    const int64_t *sp = seeds;
-    const int64_t *s_attn = thr[0] > 0 ? sp++ : NULL, *s1 = thr[1] > 0 ? sp++ : NULL, *s2 = thr[2] > 0 ? sp++ : NULL;
+    const int64_t *sd[3];
+    site_seeds(thr, seeds, sd);
     const float a1 = w[10] ? w[10][0] : 1.0f, a2 = w[17] ? w[17][0] : 1.0f;
     float *qs = ws + L.qs, *kvs = ws + L.kvs, *o = ws + L.o, *y1 = ws + L.y1, *x1 = ws + L.x1;
     float *h = ws + L.h, *u = ws + L.u, *y2 = ws + L.y2;
@@ -638,14 +642,14 @@ AVX512 int32_t timemae_block_fwd(const float *x, const float *kv, const float *c
     }
     free(W); free(b);
     timemae_attn_fwd(q, qbs, qrs, k, kbs, krs, v, kbs, krs, B, H, N, Nk, Dh, (float)(1.0 / sqrt((double)Dh)),
-                     thr[0], fl[2], s_attn, o, grad ? ws + L.P : NULL, grad ? ws + L.M : NULL, nthreads);
+                     thr[0], fl[2], sd[0], o, grad ? ws + L.P : NULL, grad ? ws + L.M : NULL, nthreads);
     MM(0, 1, R, D, D, o, D, w[6], D, 0.0f, y1, D);
-    timemae_resnorm_fwd(x, y1, w[7], R, D, a1, thr[1], fl[3], s1, w[8], w[9], fl[0], x1, grad ? ws + L.z1 : NULL,
+    timemae_resnorm_fwd(x, y1, w[7], R, D, a1, thr[1], fl[3], sd[1], w[8], w[9], fl[0], x1, grad ? ws + L.z1 : NULL,
                         grad ? ws + L.mean1 : NULL, grad ? ws + L.rstd1 : NULL, nthreads);
     MM(0, 1, R, F, D, x1, D, w[11], D, 0.0f, h, F);
     timemae_gelu_bias(h, w[12], NULL, u, NULL, R, F, BLOCK_CHUNK, nthreads);
     MM(0, 1, R, D, F, u, F, w[13], F, 0.0f, y2, D);
-    timemae_resnorm_fwd(x1, y2, w[14], R, D, a2, thr[2], fl[4], s2, w[15], w[16], fl[1], out,
+    timemae_resnorm_fwd(x1, y2, w[14], R, D, a2, thr[2], fl[4], sd[2], w[15], w[16], fl[1], out,
                         grad ? ws + L.z2 : NULL, grad ? ws + L.mean2 : NULL, grad ? ws + L.rstd2 : NULL, nthreads);
     return 0;
 }
@@ -663,11 +667,8 @@ AVX512 int32_t timemae_block_bwd(const float *go, const float *x, const float *k
     const int self = dims[7] != 0;
     const int64_t R = B * N, Rk = B * Nk, Dh = D / H;
     const block_ws L = ws_layout(dims);
-    const int64_t *sp = seeds;
-    const int64_t *s1 = NULL, *s2 = NULL;
-    if (thr[0] > 0) sp++;
-    if (thr[1] > 0) s1 = sp++;
-    if (thr[2] > 0) s2 = sp++;
+    const int64_t *sd[3];
+    site_seeds(thr, seeds, sd);
     const float a1 = w[10] ? w[10][0] : 1.0f, a2 = w[17] ? w[17][0] : 1.0f;
     const float *qs = ws + L.qs, *kvs = ws + L.kvs, *P = ws + L.P, *M = ws + L.M, *o = ws + L.o;
     const float *y1 = ws + L.y1, *x1 = ws + L.x1, *h = ws + L.h, *u = ws + L.u, *y2 = ws + L.y2;
@@ -685,7 +686,7 @@ AVX512 int32_t timemae_block_bwd(const float *go, const float *x, const float *k
         return 1;
     }
     /* second residual and the feed-forward */
-    resnorm_bwd_sums(go, ws + L.z2, y2, w[14], ws + L.mean2, ws + L.rstd2, w[15], R, D, a2, thr[2], fl[4], s2, dx1,
+    resnorm_bwd_sums(go, ws + L.z2, y2, w[14], ws + L.mean2, ws + L.rstd2, w[15], R, D, a2, thr[2], fl[4], sd[2], dx1,
                      dy, part, dg2, dbe2, db2, da2, nthreads);
     MM(1, 0, D, F, R, dy, D, u, F, 0.0f, gw2, F);
     MM(0, 0, R, F, D, dy, D, w[13], F, 0.0f, dh, F);
@@ -694,7 +695,7 @@ AVX512 int32_t timemae_block_bwd(const float *go, const float *x, const float *k
     MM(1, 0, F, D, R, dh, F, x1, D, 0.0f, gw1, D);
     MM(0, 0, R, D, F, dh, F, w[11], D, 1.0f, dx1, D);
     /* first residual, the output projection and the attention core */
-    resnorm_bwd_sums(dx1, ws + L.z1, y1, w[7], ws + L.mean1, ws + L.rstd1, w[8], R, D, a1, thr[1], fl[3], s1, dx, dy,
+    resnorm_bwd_sums(dx1, ws + L.z1, y1, w[7], ws + L.mean1, ws + L.rstd1, w[8], R, D, a1, thr[1], fl[3], sd[1], dx, dy,
                      part, dg1, dbe1, dbo, da1, nthreads);
     MM(1, 0, D, D, R, dy, D, o, D, 0.0f, gwo, D);
     MM(0, 0, R, D, D, dy, D, w[6], D, 0.0f, dO, D);
