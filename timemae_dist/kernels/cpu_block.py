@@ -281,7 +281,8 @@ class _OneCall(torch.autograd.Function):
         if cpu_fused.KERNEL.lib.timemae_block_fwd(x.data_ptr(), None if kv is None else kv.data_ptr(), ptrs, dims,
                                                   fl, thr, None if seeds is None else seeds.data_ptr(), ws.data_ptr(),
                                                   out.data_ptr(), torch.get_num_threads()):
-            raise MemoryError(f"block forward (B={B}, N={N}, D={D}): out of memory for the C call's scratch")
+            raise MemoryError(f"block forward (B={B}, N={N}, D={D}): out of memory for the C call's scratch; "
+                              "lower trainer.micro_batch_size")
         if grad:
             ctx.save_for_backward(x, kv, *params)
             ctx.call = (ws, seeds, dims, fl, thr)
@@ -303,7 +304,8 @@ class _OneCall(torch.autograd.Function):
                 None if seeds is None else seeds.data_ptr(), ws.data_ptr(), dx.data_ptr(),
                 None if dkv is None else dkv.data_ptr(), gw_in.data_ptr(), gwo.data_ptr(), gw1.data_ptr(),
                 gw2.data_ptr(), small.data_ptr(), torch.get_num_threads()):
-            raise MemoryError(f"block backward (B={B}, N={N}, D={D}): out of memory for the C call's scratch")
+            raise MemoryError(f"block backward (B={B}, N={N}, D={D}): out of memory for the C call's scratch; "
+                              "lower trainer.micro_batch_size")
         db_in, dbo, dg1, dbe1, da1, db1, db2, dg2, dbe2, da2 = small.split_with_sizes(
             (3 * D, D, D, D, 1, F, D, D, D, 1))
         dwq, dwk, dwv = gw_in.split(D)
